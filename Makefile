@@ -1,0 +1,48 @@
+# distributed-peft: every target installs what it needs into .venv first (fresh machine, no GPU, no hub).
+#   make demo   build the tiny base, train the detox adapter, evaluate base vs adapter
+#   make test   lint, then the whole pytest suite (what CI runs)
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export DS_BUILD_OPS := 0
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_DISABLE_TELEMETRY := 1
+export WANDB_MODE ?= offline
+DEMO_DIR ?= runs/demo-detox
+
+.PHONY: install demo test lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU build on this machine's disk; a range would pull a multi-GB CUDA build
+	$(PY) -m pip install --quiet "torch==$$(sed -n 's/.*"torch==\([0-9.]*\)".*/\1/p' pyproject.toml)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dpeft-build-base model=tiny-llama
+	start=$$(date +%s); \
+	$(VENV)/bin/dpeft-train task=detox model=tiny-llama peft=qlora training=demo output_dir=$(DEMO_DIR) && \
+	echo "demo: training + evaluation took $$(( $$(date +%s) - start )) s"
+	@echo "adapter: $(DEMO_DIR)/adapter"
+	@echo "report:  $(DEMO_DIR)/eval.md, $(DEMO_DIR)/loss.png, $(DEMO_DIR)/README.md"
+	@cat $(DEMO_DIR)/eval.md
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# pytest exits 5 when it collected no test: make fails on any non-zero exit, so an empty suite fails CI.
+test: $(STAMP) lint
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf runs outputs .pytest_cache .ruff_cache tests/artifacts

@@ -1,0 +1,98 @@
+"""The shared shell of every `dpeft-*` entry point: a Hydra app over `conf/` that checks the config first.
+
+A user's mistake (unknown option, bad value, missing file) is printed as one line per problem and exits
+with code 2 before any model is loaded; bugs keep their tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from distributed_peft.config import CONF_DIR, CONFIG_GROUPS, group_options, register_configs, validate
+from distributed_peft.errors import USER_ERROR_EXIT_CODE, ConfigError, DpeftError
+
+
+def report_user_error(error: DpeftError, prog: str) -> None:
+    for problem in error.problems:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+
+
+def _one_line(exc: Exception) -> str:
+    """Hydra and OmegaConf errors span several lines; keep what names the key and the value."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
+    message = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
+    key = getattr(cause, "full_key", None)
+    if key and key not in message:
+        message = f"{key}: {message}"
+    return re.sub(r"\s+", " ", message)
+
+
+def check_overrides(overrides: list[str], config_name: str = "config") -> DictConfig | None:
+    """Compose and validate the config the way the app will; raise ConfigError on any user mistake.
+
+    Returns None when the command line holds sweeps or Hydra flags, which Hydra itself must expand.
+    """
+    if any(arg.startswith("-") for arg in overrides):
+        return None
+    plain = [o for o in overrides if not re.match(r"^[+~]*hydra[./=]", o)]
+    try:
+        parsed = OverridesParser.create().parse_overrides(plain)
+    except HydraException as exc:
+        raise ConfigError(_one_line(exc)) from exc
+    if any(o.is_sweep_override() for o in parsed):
+        return None
+    problems = []
+    for override in parsed:
+        group = override.key_or_group
+        if group in CONFIG_GROUPS and override.value_type is not None and "." not in group:
+            choice = override.value()
+            if isinstance(choice, str) and choice not in group_options(group):
+                problems.append(f"{group}={choice!r} is not a known {group}; allowed: {', '.join(group_options(group))}")
+    if problems:
+        raise ConfigError(problems)
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=plain)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_one_line(exc)) from exc
+    validate(cfg)
+    return cfg
+
+
+def hydra_app(prog: str, config_name: str = "config") -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """Turn `fn(cfg)` into a console-script entry point: preflight check, then `@hydra.main` over `conf/`."""
+
+    def decorator(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        def run_checked(cfg: DictConfig) -> Any:
+            try:
+                validate(cfg)
+                return fn(cfg)
+            except DpeftError as error:
+                report_user_error(error, prog)
+                sys.exit(USER_ERROR_EXIT_CODE)
+
+        @functools.wraps(fn)
+        def entry() -> Any:
+            register_configs()
+            try:
+                check_overrides(sys.argv[1:], config_name)
+            except DpeftError as error:
+                report_user_error(error, prog)
+                sys.exit(USER_ERROR_EXIT_CODE)
+            return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(run_checked)()
+
+        return entry
+
+    return decorator

@@ -1,0 +1,364 @@
+"""Typed config schemas registered in Hydra's ConfigStore, and validation of a composed config.
+
+Nothing here imports torch: a bad value is reported in a fraction of a second, before any model loads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from distributed_peft.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = Path(os.environ.get("DPEFT_CONF_DIR", PROJECT_ROOT / "conf"))
+SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_corpora" / "data"
+
+CONFIG_GROUPS = ("task", "model", "peft", "distributed", "training", "logging", "experiment")
+MODEL_FAMILIES = ("llama", "bloom", "mistral")
+DATA_SOURCES = ("auto", "sample", "local", "hub")
+DATA_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
+PEFT_METHODS = ("qlora", "lora")
+QUANT_TYPES = ("nf4", "fp4")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "adamw_8bit")
+TRUNCATION_POLICIES = ("truncate", "drop")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+DISTRIBUTED_STRATEGIES = ("auto",)
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class DataConfig:
+    """Where a task's examples come from and how their columns map to the prompt template's fields."""
+
+    source: str = "auto"  # auto: path if set, else the bundled sample file, else the hub id
+    sample_file: Optional[str] = None  # a file in distributed_peft/sample_corpora/data
+    hub_id: Optional[str] = None
+    hub_config: Optional[str] = None
+    hub_split: str = "train"
+    path: Optional[str] = None  # a local jsonl/json/csv/tsv/parquet file
+    format: Optional[str] = None  # inferred from the path's suffix when null
+    columns: dict[str, str] = field(default_factory=dict)  # template field -> column in the data
+    fraction: float = 1.0  # share of the examples to keep (after shuffling with the seed)
+    max_examples: Optional[int] = None
+
+
+@dataclass
+class TaskConfig:
+    name: str = "???"
+    description: str = ""
+    prompt_template: str = "???"  # what the model reads; its tokens get no loss
+    prompt_template_no_input: Optional[str] = None  # used when the `input` field is empty (Alpaca style)
+    completion_template: str = "???"  # what the model learns to write; EOS is appended
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class EmbeddedBaseConfig:
+    """Shape and pretraining of a tiny base built locally by `dpeft-build-base` (no hub needed)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    seed: int = 0
+    pretrain_steps: int = 300
+    pretrain_batch_size: int = 16
+    pretrain_seq_len: int = 128
+    pretrain_lr: float = 3e-3
+
+
+@dataclass
+class ModelConfig:
+    name: str = "???"
+    family: str = "???"
+    name_or_path: str = "???"  # hub id, local dir, or the embedded base's name
+    embedded: bool = False
+    context_length: int = 2048
+    torch_dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    lora_target_modules: list[str] = field(default_factory=list)
+    trust_remote_code: bool = False
+    base: Optional[EmbeddedBaseConfig] = None
+
+
+@dataclass
+class QuantizationConfig:
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "auto"  # auto: bfloat16 on CUDA with bf16 support, float16 on older GPUs, float32 on CPU
+    quant_storage: str = "auto"  # auto: the compute dtype when parameters are sharded (ZeRO-3/FSDP), else uint8
+
+
+@dataclass
+class PeftConfig:
+    method: str = "qlora"
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Optional[list[str]] = None  # null: the model config's lora_target_modules
+    bias: str = "none"
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "auto"  # auto: whatever `accelerate launch` set up (single process or DDP)
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    timeout_s: int = 600
+
+
+@dataclass
+class TrainingConfig:
+    lr: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int = -1  # optimizer steps; > 0 overrides epochs
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    max_seq_len: int = 256
+    truncation: str = "truncate"  # or drop
+    eval_fraction: float = 0.1
+    max_eval_examples: Optional[int] = 256
+    eval_steps: int = 50  # 0: only at the end
+    eval_batch_size: int = 8
+    seed: int = 42
+    optimizer: str = "adamw_torch"
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    log_every_steps: int = 1
+    progress_bar: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "distributed-peft"
+    wandb_mode: str = "offline"  # online only when the user asks; a wandb failure never stops a run
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_dir: str = "runs/${task.name}-${model.name}"
+    adapter: Optional[str] = None  # dpeft-eval: a trained run's adapter directory
+    allow_base_mismatch: bool = False  # load an adapter onto a base other than the one it was trained on
+
+
+def run_dir(adapter: Optional[str], output_dir: str) -> str:
+    """Where a run writes: the adapter's run directory for `dpeft-eval adapter=...`, else output_dir."""
+    if adapter:
+        path = Path(adapter)
+        return str(path.parent if path.name == "adapter" else path)
+    return output_dir
+
+
+def register_configs() -> None:
+    """Register the schema that `conf/config.yaml` starts its defaults list with, and its resolvers."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+    if not OmegaConf.has_resolver("dpeft_run_dir"):
+        OmegaConf.register_new_resolver("dpeft_run_dir", run_dir)
+
+
+def group_options(group: str) -> list[str]:
+    """Option names of a config group, as found in `conf/<group>/*.yaml`."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation: every problem is collected and reported together, one line each.
+
+
+def _allowed(problems: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        problems.append(f"{key}={value!r} is not allowed; allowed: {', '.join(allowed)}")
+
+
+def _check(problems: list[str], ok: bool, key: str, value: Any, requirement: str) -> None:
+    if not ok:
+        problems.append(f"{key}={value!r} is invalid; it must be {requirement}")
+
+
+def template_fields(template: str) -> list[str]:
+    """Names of the `{field}` placeholders of a prompt template."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def resolve_data_source(data: DataConfig | DictConfig) -> str:
+    """The concrete source (`sample`, `local` or `hub`) that `auto` stands for."""
+    if data.source != "auto":
+        return data.source
+    if data.path:
+        return "local"
+    if data.sample_file:
+        return "sample"
+    return "hub"
+
+
+def resolve_data_format(path: str, fmt: Optional[str]) -> str:
+    if fmt:
+        return fmt
+    suffix = Path(path).suffix.lstrip(".").lower()
+    return {"jl": "jsonl", "ndjson": "jsonl"}.get(suffix, suffix)
+
+
+def read_columns(path: Path, fmt: str) -> list[str]:
+    """Column names of a local data file, read from its header or first record only."""
+    if fmt == "jsonl":
+        with path.open(encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "{}")
+        return list(json.loads(first).keys())
+    if fmt == "json":
+        records = json.loads(path.read_text(encoding="utf-8"))
+        return list(records[0].keys()) if isinstance(records, list) and records else []
+    if fmt in ("csv", "tsv"):
+        with path.open(encoding="utf-8", newline="") as f:
+            return next(csv.reader(f, delimiter="\t" if fmt == "tsv" else ","), [])
+    import pyarrow.parquet as pq
+
+    return list(pq.read_schema(path).names)
+
+
+def _validate_data(task: DictConfig, problems: list[str]) -> None:
+    data = task.data
+    _allowed(problems, "task.data.source", data.source, DATA_SOURCES)
+    _check(problems, 0 < data.fraction <= 1, "task.data.fraction", data.fraction, "in (0, 1]")
+    if data.max_examples is not None:
+        _check(problems, data.max_examples > 0, "task.data.max_examples", data.max_examples, "> 0 or null")
+    fields = set(template_fields(task.prompt_template)) | set(template_fields(task.completion_template))
+    if task.prompt_template_no_input:
+        fields |= set(template_fields(task.prompt_template_no_input))
+    unmapped = sorted(fields - set(data.columns.keys()))
+    if unmapped:
+        problems.append(
+            f"task.data.columns={dict(data.columns)!r} has no column for template field(s) {', '.join(unmapped)}; "
+            f"allowed: a mapping with a key for every field of the prompt and completion templates"
+        )
+    source = resolve_data_source(data)
+    if source == "hub":
+        if not data.hub_id:
+            problems.append("task.data.hub_id=None is invalid; it must be a hub dataset id when task.data.source=hub")
+        return
+    if source == "sample":
+        if not data.sample_file or not (SAMPLE_DATA_DIR / data.sample_file).is_file():
+            allowed = ", ".join(sorted(p.name for p in SAMPLE_DATA_DIR.glob("*.jsonl")))
+            problems.append(f"task.data.sample_file={data.sample_file!r} is not a bundled sample; allowed: {allowed}")
+            return
+        path, fmt = SAMPLE_DATA_DIR / data.sample_file, "jsonl"
+    else:
+        if not data.path:
+            problems.append("task.data.path=None is invalid; it must be a local data file when task.data.source=local")
+            return
+        path, fmt = Path(data.path), resolve_data_format(data.path, data.format)
+        if fmt not in DATA_FORMATS:
+            problems.append(
+                f"task.data.format={fmt!r} (from {data.path!r}) is not supported; allowed: {', '.join(DATA_FORMATS)}"
+            )
+            return
+        if not path.is_file():
+            problems.append(f"task.data.path={data.path!r} does not exist; it must be a readable {fmt} file")
+            return
+    try:
+        columns = read_columns(path, fmt)
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        problems.append(f"task.data.path={str(path)!r} cannot be read as {fmt}: {exc}")
+        return
+    missing = sorted({column for column in data.columns.values() if column not in columns})
+    if missing:
+        problems.append(
+            f"task.data.path={str(path)!r} lacks column(s) {', '.join(missing)}; "
+            f"allowed: its columns {', '.join(columns)} (map them with task.data.columns.FIELD=COLUMN)"
+        )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every invalid value of a composed config; load nothing heavy."""
+    problems: list[str] = []
+    task, model, peft, training = cfg.task, cfg.model, cfg.peft, cfg.training
+
+    _allowed(problems, "model.family", model.family, MODEL_FAMILIES)
+    _allowed(problems, "model.torch_dtype", model.torch_dtype, DTYPES)
+    _check(problems, model.context_length > 0, "model.context_length", model.context_length, "> 0")
+    if model.embedded and model.base is None:
+        problems.append(f"model.base=None is invalid for embedded model {model.name!r}; it must describe its shape")
+
+    _allowed(problems, "peft.method", peft.method, PEFT_METHODS)
+    _check(problems, peft.r > 0, "peft.r", peft.r, "a positive integer")
+    _check(problems, peft.alpha > 0, "peft.alpha", peft.alpha, "a positive integer")
+    _check(problems, 0 <= peft.dropout < 1, "peft.dropout", peft.dropout, "in [0, 1)")
+    _allowed(problems, "peft.bias", peft.bias, ("none", "all", "lora_only"))
+    _allowed(problems, "peft.quantization.quant_type", peft.quantization.quant_type, QUANT_TYPES)
+    _allowed(problems, "peft.quantization.compute_dtype", peft.quantization.compute_dtype, DTYPES)
+    _allowed(problems, "peft.quantization.quant_storage", peft.quantization.quant_storage, (*DTYPES, "uint8"))
+    targets = peft.target_modules if peft.target_modules is not None else model.lora_target_modules
+    if not targets:
+        problems.append(
+            f"peft.target_modules={peft.target_modules!r} is invalid: model family {model.family!r} "
+            f"({model.name}) defines no LoRA targets; allowed: a non-empty list such as [q_proj,v_proj]"
+        )
+
+    _allowed(problems, "distributed.strategy", cfg.distributed.strategy, DISTRIBUTED_STRATEGIES)
+    _allowed(problems, "distributed.backend", cfg.distributed.backend, ("auto", "gloo", "nccl"))
+    _check(problems, cfg.distributed.timeout_s > 0, "distributed.timeout_s", cfg.distributed.timeout_s, "> 0")
+
+    _check(problems, training.lr > 0, "training.lr", training.lr, "> 0")
+    _allowed(problems, "training.lr_scheduler", training.lr_scheduler, LR_SCHEDULERS)
+    _check(problems, 0 <= training.warmup_ratio < 1, "training.warmup_ratio", training.warmup_ratio, "in [0, 1)")
+    _check(problems, training.weight_decay >= 0, "training.weight_decay", training.weight_decay, ">= 0")
+    if training.max_steps <= 0:
+        _check(problems, training.epochs > 0, "training.epochs", training.epochs, "> 0 when training.max_steps <= 0")
+    for key in ("micro_batch_size", "gradient_accumulation_steps", "eval_batch_size"):
+        _check(problems, training[key] >= 1, f"training.{key}", training[key], "an integer >= 1")
+    _check(problems, training.max_grad_norm > 0, "training.max_grad_norm", training.max_grad_norm, "> 0")
+    _check(
+        problems,
+        0 < training.max_seq_len <= model.context_length,
+        "training.max_seq_len",
+        training.max_seq_len,
+        f"in [1, {model.context_length}] (the context length of model {model.name})",
+    )
+    _allowed(problems, "training.truncation", training.truncation, TRUNCATION_POLICIES)
+    _check(problems, 0 < training.eval_fraction < 1, "training.eval_fraction", training.eval_fraction, "in (0, 1)")
+    if training.max_eval_examples is not None:
+        _check(problems, training.max_eval_examples > 0, "training.max_eval_examples", training.max_eval_examples, "> 0")
+    _check(problems, training.eval_steps >= 0, "training.eval_steps", training.eval_steps, ">= 0 (0: only at the end)")
+    _allowed(problems, "training.optimizer", training.optimizer, OPTIMIZERS)
+    _allowed(problems, "training.mixed_precision", training.mixed_precision, MIXED_PRECISION)
+
+    _allowed(problems, "logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
+    _check(problems, cfg.logging.log_every_steps >= 1, "logging.log_every_steps", cfg.logging.log_every_steps, ">= 1")
+
+    _validate_data(task, problems)
+    if problems:
+        raise ConfigError(problems)
+
+
+def lora_targets(cfg: DictConfig) -> list[str]:
+    """The modules LoRA attaches to: the peft override, else the model family's targets."""
+    targets = cfg.peft.target_modules if cfg.peft.target_modules is not None else cfg.model.lora_target_modules
+    return list(targets)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,175 @@
+"""Task data: load (hub, local file or bundled sample, one code path), format prompts, tokenize, mask, split."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from distributed_peft.config import SAMPLE_DATA_DIR, resolve_data_format, resolve_data_source
+from distributed_peft.errors import DataError
+
+IGNORE_INDEX = -100  # label of tokens that get no loss (prompt and padding)
+
+
+def _load_dataset_args(data: DictConfig) -> tuple[tuple, dict[str, Any]]:
+    """Arguments of `datasets.load_dataset` for a task's data source."""
+    source = resolve_data_source(data)
+    if source == "hub":
+        return (data.hub_id, data.hub_config), {"split": data.hub_split}
+    if source == "sample":
+        return ("json",), {"data_files": str(SAMPLE_DATA_DIR / data.sample_file), "split": "train"}
+    fmt = resolve_data_format(data.path, data.format)
+    builder = {"jsonl": "json", "json": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet"}[fmt]
+    kwargs: dict[str, Any] = {"data_files": str(Path(data.path).resolve()), "split": "train"}
+    if builder == "csv":
+        kwargs.update(keep_default_na=False)  # an empty cell is "", not NaN
+        if fmt == "tsv":
+            kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+    return (builder,), kwargs
+
+
+def load_records(task: DictConfig):
+    """The task's examples as a `datasets.Dataset` with one column per template field and an `example_id`."""
+    import datasets
+
+    args, kwargs = _load_dataset_args(task.data)
+    try:
+        dataset = datasets.load_dataset(*args, **kwargs)
+    except (FileNotFoundError, ValueError, ConnectionError) as exc:
+        raise DataError(f"task.data: cannot load {args[0]!r}: {str(exc).splitlines()[0]}") from exc
+    missing = sorted(set(task.data.columns.values()) - set(dataset.column_names))
+    if missing:
+        raise DataError(
+            f"task.data.columns: column(s) {', '.join(missing)} not in the data; "
+            f"allowed: {', '.join(dataset.column_names)}"
+        )
+    columns = dict(task.data.columns)
+    dataset = dataset.select_columns(sorted(set(columns.values())))
+    dataset = dataset.map(
+        lambda row: {name: "" if row[column] is None else str(row[column]) for name, column in columns.items()},
+        remove_columns=[c for c in dataset.column_names if c not in columns],
+    )
+    return dataset.add_column("example_id", list(range(len(dataset))))
+
+
+def format_example(record: dict[str, Any], task: DictConfig) -> tuple[str, str]:
+    """(prompt, completion) text of one record from the task's templates."""
+    template = task.prompt_template
+    if task.prompt_template_no_input and not str(record.get("input", "")).strip():
+        template = task.prompt_template_no_input
+    return template.format(**record), task.completion_template.format(**record)
+
+
+def tokenize_example(prompt: str, completion: str, tokenizer, max_seq_len: int) -> dict[str, Any]:
+    """Token ids and labels: prompt tokens labelled IGNORE_INDEX, completion tokens and EOS labelled.
+
+    Sequences longer than max_seq_len are cut at the end; `truncated` tells whether that happened.
+    """
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + completion_ids)[:max_seq_len]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_seq_len]
+    return {"input_ids": input_ids, "labels": labels, "truncated": len(prompt_ids) + len(completion_ids) > max_seq_len}
+
+
+@dataclass
+class DataStats:
+    """What happened to the examples on their way to the model (reported and saved with the run)."""
+
+    source: str
+    loaded: int = 0
+    empty_completion: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    train: int = 0
+    eval: int = 0
+    split_seed: int = 0
+    eval_example_ids: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"data: {self.loaded} loaded from {self.source}, {self.train} train / {self.eval} eval "
+                f"(seed {self.split_seed}); {self.truncated} truncated, {self.dropped_too_long} dropped as too "
+                f"long, {self.empty_completion} without completion")  # fmt: skip
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+@dataclass
+class TaskData:
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    stats: DataStats
+
+
+def _tokenize_split(records, task, tokenizer, training, stats: DataStats) -> list[dict[str, Any]]:
+    examples = []
+    for record in records:
+        prompt, completion = format_example(record, task)
+        example = tokenize_example(prompt, completion, tokenizer, training.max_seq_len)
+        if example["truncated"]:
+            if training.truncation == "drop":
+                stats.dropped_too_long += 1
+                continue
+            stats.truncated += 1
+        if all(label == IGNORE_INDEX for label in example["labels"]):
+            stats.dropped_too_long += 1  # the prompt alone fills max_seq_len: nothing left to learn
+            continue
+        examples.append({"input_ids": example["input_ids"], "labels": example["labels"], "id": record["example_id"]})
+    return examples
+
+
+def prepare_task_data(cfg: DictConfig, tokenizer) -> TaskData:
+    """Load, filter, split by seed and tokenize the task's data; raise DataError when nothing is left."""
+    task, training = cfg.task, cfg.training
+    source = resolve_data_source(task.data)
+    where = {"hub": task.data.hub_id, "sample": f"sample {task.data.sample_file}", "local": task.data.path}[source]
+    records = load_records(task)
+    stats = DataStats(source=str(where), loaded=len(records), split_seed=training.seed)
+    completion_fields = [f for f in task.data.columns if "{" + f + "}" in task.completion_template]
+    records = records.filter(lambda row: all(row[f].strip() for f in completion_fields))
+    stats.empty_completion = stats.loaded - len(records)
+    records = records.shuffle(seed=training.seed)
+    keep = int(len(records) * task.data.fraction)
+    if task.data.max_examples:
+        keep = min(keep, task.data.max_examples)
+    records = records.select(range(keep))
+    if len(records) < 2:
+        raise DataError(
+            f"task.data: {len(records)} usable example(s) from {where} after filtering "
+            f"(fraction={task.data.fraction}, max_examples={task.data.max_examples}); at least 2 are needed"
+        )
+    n_eval = max(1, round(len(records) * training.eval_fraction))
+    if training.max_eval_examples:
+        n_eval = min(n_eval, training.max_eval_examples)
+    eval_records, train_records = records.select(range(n_eval)), records.select(range(n_eval, len(records)))
+    train = _tokenize_split(train_records, task, tokenizer, training, stats)
+    evaluation = _tokenize_split(eval_records, task, tokenizer, training, stats)
+    if not train or not evaluation:
+        raise DataError(
+            f"training.max_seq_len={training.max_seq_len}: no {'train' if not train else 'eval'} example left "
+            f"after truncation={training.truncation!r}; allowed: a larger max_seq_len or truncation=truncate"
+        )
+    stats.train, stats.eval = len(train), len(evaluation)
+    stats.eval_example_ids = sorted(example["id"] for example in evaluation)
+    return TaskData(train=train, eval=evaluation, stats=stats)
+
+
+def collate_padded(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example; padding gets attention 0 and no loss."""
+    length = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

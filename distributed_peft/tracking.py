@@ -1,0 +1,106 @@
+"""Metrics of a run: metrics.jsonl always, TensorBoard and wandb when asked, loss.png at the end. Rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunLog:
+    """Writes each logged step to metrics.jsonl and to the optional trackers, on the main process only."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, is_main_process: bool):
+        self.is_main = is_main_process
+        self.path = run_dir / METRICS_FILE
+        self.trackers: list[Any] = []
+        if not self.is_main:
+            return
+        self.path.write_text("")
+        run_name = Path(cfg.output_dir).name
+        config = _flat(OmegaConf.to_container(cfg, resolve=True))
+        if cfg.logging.tensorboard:
+            from accelerate.tracking import TensorBoardTracker
+
+            self._start(lambda: TensorBoardTracker(run_name, str(run_dir / "tensorboard")), config, "tensorboard")
+        if cfg.logging.wandb:
+            from accelerate.tracking import WandBTracker
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            kwargs = {"project": cfg.logging.wandb_project, "mode": cfg.logging.wandb_mode, "dir": str(run_dir)}
+            self._start(lambda: WandBTracker(run_name, **kwargs), config, "wandb")
+
+    def _start(self, make_tracker, config: dict[str, Any], name: str) -> None:
+        try:
+            tracker = make_tracker()
+            tracker.store_init_configuration(config)
+            self.trackers.append(tracker)
+        except Exception as exc:  # a tracker must never fail a run (wandb not logged in, no network...)
+            warnings.warn(f"logging.{name}: disabled for this run: {str(exc).splitlines()[0]}", stacklevel=2)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.is_main:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for tracker in list(self.trackers):
+            try:
+                tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+            except Exception as exc:
+                warnings.warn(f"tracker {tracker.name} failed and is disabled: {exc}", stacklevel=2)
+                self.trackers.remove(tracker)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            try:
+                tracker.finish()
+            except Exception as exc:
+                warnings.warn(f"tracker {tracker.name} did not close cleanly: {exc}", stacklevel=2)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curves(run_dir: Path, title: str) -> Path:
+    """loss.png: train loss per step and eval loss (adapter) at each evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (completion tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(run_dir) / "loss.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
