@@ -5,6 +5,7 @@ The training loop never asks which strategy runs it; `accelerate launch` and the
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import torch
@@ -28,11 +29,14 @@ def build_accelerator(cfg: DictConfig):
     backend = cfg.distributed.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    process_group = InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.distributed.timeout_s))
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a backend on a single process would make accelerate wait for peers
+        timeout = timedelta(seconds=cfg.distributed.timeout_s)
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
     return Accelerator(
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
         mixed_precision=resolve_mixed_precision(cfg.training.mixed_precision),
-        kwargs_handlers=[process_group],
+        kwargs_handlers=handlers,
     )
 
 

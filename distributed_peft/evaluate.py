@@ -79,6 +79,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     from distributed_peft.data import collate_padded, prepare_task_data
     from distributed_peft.distributed import build_accelerator
     from distributed_peft.model import load_base_model, load_tokenizer, resolve_base
+    from distributed_peft.tracking import quiet_library_progress
+
+    quiet_library_progress()
 
     adapter_dir = Path(cfg.adapter) if cfg.adapter else Path(cfg.output_dir) / "adapter"
     if not adapter_dir.is_dir():

@@ -64,6 +64,15 @@ class RunLog:
                 warnings.warn(f"tracker {tracker.name} did not close cleanly: {exc}", stacklevel=2)
 
 
+def quiet_library_progress() -> None:
+    """Only our progress bar is shown: datasets' and transformers' per-call bars are noise in a training log."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():

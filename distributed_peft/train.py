@@ -40,8 +40,9 @@ class FinetuneRecipe:
         from distributed_peft.data import collate_padded, prepare_task_data
         from distributed_peft.distributed import build_accelerator
         from distributed_peft.model import attach_lora, load_base_model, load_tokenizer, resolve_base
-        from distributed_peft.tracking import RunLog
+        from distributed_peft.tracking import RunLog, quiet_library_progress
 
+        quiet_library_progress()
         cfg, training = self.cfg, self.cfg.training
         if training.optimizer in ("paged_adamw_8bit", "adamw_8bit") and not torch.cuda.is_available():
             raise ConfigError(f"training.optimizer={training.optimizer!r} needs CUDA; allowed here: adamw_torch")
@@ -164,8 +165,9 @@ class FinetuneRecipe:
 
         training, log_every = self.cfg.training, self.cfg.logging.log_every_steps
         self.model.train()
-        bar = tqdm(total=self.total_steps, desc=f"train {self.cfg.task.name}", unit="step", dynamic_ncols=True,
-                   disable=not (self.accelerator.is_main_process and self.cfg.logging.progress_bar))  # fmt: skip
+        show = self.accelerator.is_main_process and self.cfg.logging.progress_bar
+        bar = tqdm(total=self.total_steps, desc=f"train {self.cfg.task.name}", unit="step", disable=not show,
+                   mininterval=0.5 if sys.stderr.isatty() else 10.0)  # fmt: skip
         start, tokens_seen, self.train_tokens = time.perf_counter(), 0.0, 0.0
         windows = self._windows()
         for step in range(1, self.total_steps + 1):

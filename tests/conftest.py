@@ -1,0 +1,51 @@
+"""Shared fixtures: a DPEFT_HOME with the embedded bases built once per session, config composition."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
+# Bases built by the suite are cached here between local runs (CI starts from a clean clone).
+TEST_HOME = Path(os.environ.get("DPEFT_TEST_HOME", PROJECT_ROOT / ".cache" / "test-home"))
+
+os.environ["DPEFT_HOME"] = str(TEST_HOME)
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def compose_config(overrides: list[str]):
+    """The config an entry point would run with these overrides, checked the way the CLI checks it."""
+    from distributed_peft.cli import check_overrides
+
+    return check_overrides(overrides)
+
+
+def shared_dataset(relative: str) -> Path:
+    """A file of ../shared/datasets, or a skip saying why the test cannot run without it."""
+    path = SHARED_DATASETS / relative
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: ../shared (real ParaDetox / GPTeacher data) is only beside CI checkouts")
+    return path
+
+
+@pytest.fixture(scope="session")
+def bases() -> dict[str, Path]:
+    """Both embedded bases, built once (about a minute each on 2 cores) and cached in TEST_HOME."""
+    from distributed_peft.embedded_base import build_base
+
+    return {name: build_base(compose_config([f"model={name}"]).model) for name in ("tiny-llama", "tiny-bloom")}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run gets a fresh Accelerator state, as a new process would."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

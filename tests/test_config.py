@@ -1,0 +1,136 @@
+"""Every shipped config composes and validates; every user mistake is one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import PROJECT_ROOT, compose_config
+
+from distributed_peft.config import CONFIG_GROUPS, group_options
+from distributed_peft.errors import ConfigError
+
+
+def _custom_file(tmp_path, records=({"prompt": "2+2=", "completion": "4"},), name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_every_shipped_config_composes_and_validates(tmp_path):
+    custom = _custom_file(tmp_path)
+    composed = 0
+    for group in CONFIG_GROUPS:
+        options = group_options(group)
+        assert options, f"conf/{group}/ has no option"
+        for option in options:
+            extra = [f"task.data.path={custom}"] if (group, option) == ("task", "custom") else []
+            cfg = compose_config([f"{group}={option}", *extra])
+            assert cfg[group if group != "experiment" else "task"] is not None
+            composed += 1
+    assert composed >= 4 + 7 + 2 + 1 + 2 + 3 + 3
+
+
+def test_experiment_overlays_reproduce_the_amp_recipe():
+    cfg = compose_config(["experiment=amp_instruct"])
+    assert (cfg.model.name, cfg.task.name, cfg.peft.r, cfg.peft.alpha) == ("bloom-1b1", "instruct", 16, 32)
+    assert (cfg.training.lr, cfg.training.lr_scheduler, cfg.training.max_grad_norm) == (2e-4, "constant", 0.3)
+    assert (cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps) == (1, 4)
+    assert (cfg.training.max_seq_len, cfg.training.epochs, cfg.task.data.fraction) == (1024, 1, 0.3)
+    assert compose_config(["experiment=amp_sql"]).training.epochs == 2
+    assert compose_config(["experiment=amp_detox"]).training.epochs == 4
+
+
+def test_model_configs_carry_their_lora_targets():
+    assert compose_config(["model=bloom-1b1"]).model.lora_target_modules[0] == "query_key_value"
+    llama = compose_config(["model=llama-3.2-1b"]).model
+    assert set(llama.lora_target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+# (overrides, a fragment the single error line must contain). The key and the bad value are always named.
+BAD_CONFIGS = [
+    (["task=nope"], "task='nope' is not a known task; allowed: custom, detox, instruct, sql"),
+    (["model=gpt-17"], "model='gpt-17' is not a known model; allowed:"),
+    (["peft=dora"], "peft='dora' is not a known peft; allowed: lora, qlora"),
+    (["peft.r=0"], "peft.r=0 is invalid; it must be a positive integer"),
+    (["peft.r=-4"], "peft.r=-4 is invalid"),
+    (["peft.alpha=0"], "peft.alpha=0 is invalid"),
+    (["peft.dropout=1.5"], "peft.dropout=1.5 is invalid; it must be in [0, 1)"),
+    (["peft.r=sixteen"], "peft.r: Value 'sixteen'"),
+    (["peft.quantization.quant_type=int3"], "peft.quantization.quant_type='int3' is not allowed; allowed: nf4, fp4"),
+    (["training.lr=0"], "training.lr=0.0 is invalid; it must be > 0"),
+    (["training.lr=-1e-4"], "training.lr=-0.0001 is invalid"),
+    (["training.max_seq_len=100000"], "training.max_seq_len=100000 is invalid; it must be in [1, 512]"),
+    (["training.micro_batch_size=0"], "training.micro_batch_size=0 is invalid"),
+    (["training.gradient_accumulation_steps=0"], "training.gradient_accumulation_steps=0 is invalid"),
+    (["training.lr_scheduler=exponential"], "training.lr_scheduler='exponential' is not allowed; allowed: constant"),
+    (["training.optimizer=sgd"], "training.optimizer='sgd' is not allowed"),
+    (["training.eval_fraction=1.5"], "training.eval_fraction=1.5 is invalid; it must be in (0, 1)"),
+    (["training.truncation=wrap"], "training.truncation='wrap' is not allowed; allowed: truncate, drop"),
+    (["training.epochs=0"], "training.epochs=0.0 is invalid; it must be > 0 when training.max_steps <= 0"),
+    (["training.no_such_key=1"], "training.no_such_key"),
+    (["logging.wandb_mode=sometimes"], "logging.wandb_mode='sometimes' is not allowed; allowed: offline, online"),
+    (["task=custom"], "task.data.path=None is invalid; it must be a local data file"),
+    (["task=custom", "task.data.path=/no/such/file.jsonl"], "task.data.path='/no/such/file.jsonl' does not exist"),
+    (["task=custom", "task.data.path=data.xlsx"], "task.data.format='xlsx' (from 'data.xlsx') is not supported"),
+    (["task.data.sample_file=missing.jsonl"], "task.data.sample_file='missing.jsonl' is not a bundled sample"),
+    (["task.data.source=hub", "task.data.hub_id=null"], "task.data.hub_id=None is invalid"),
+    (["task.data.fraction=0"], "task.data.fraction=0.0 is invalid; it must be in (0, 1]"),
+    (["task.prompt_template={toxic} {mood}"], "has no column for template field(s) mood"),
+    (["model.lora_target_modules=[]"], "peft.target_modules=None is invalid: model family 'llama'"),
+    (["model.family=gpt2"], "model.family='gpt2' is not allowed; allowed: llama, bloom, mistral"),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", BAD_CONFIGS, ids=[" ".join(o) for o, _ in BAD_CONFIGS])
+def test_bad_value_is_one_line_naming_key_value_and_allowed(overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        compose_config(overrides)
+    assert len(error.value.problems) == 1, error.value.problems
+    (line,) = error.value.problems
+    assert expected in line
+    assert "\n" not in line
+
+
+def test_custom_file_without_the_needed_columns(tmp_path):
+    path = _custom_file(tmp_path, [{"question": "2+2=", "answer": "4"}])
+    with pytest.raises(ConfigError) as error:
+        compose_config(["task=custom", f"task.data.path={path}"])
+    assert error.value.problems == [
+        f"task.data.path='{path}' lacks column(s) completion, prompt; allowed: its columns question, answer "
+        "(map them with task.data.columns.FIELD=COLUMN)"
+    ]
+    cfg = compose_config(["task=custom", f"task.data.path={path}", "task.data.columns.prompt=question",
+                          "task.data.columns.completion=answer"])  # fmt: skip
+    assert cfg.task.data.columns.prompt == "question"
+
+
+def test_all_problems_are_reported_together():
+    with pytest.raises(ConfigError) as error:
+        compose_config(["peft.r=0", "training.lr=0", "training.micro_batch_size=0"])
+    assert [p.split("=")[0] for p in error.value.problems] == ["peft.r", "training.lr", "training.micro_batch_size"]
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["task=nope"], "dpeft-train: error: task='nope' is not a known task"),
+        (["peft.r=0", "training.lr=-1"], "dpeft-train: error: peft.r=0 is invalid"),
+        (["training.max_seq_len=4096"], "dpeft-train: error: training.max_seq_len=4096 is invalid"),
+        (["task=custom", "task.data.path=/nope.csv"], "dpeft-train: error: task.data.path='/nope.csv' does not exist"),
+    ],
+)
+def test_cli_exits_2_with_one_line_per_problem_and_no_traceback(args, expected, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "distributed_peft.train", *args, f"output_dir={out}"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0] == expected or lines[0].startswith(expected)
+    assert all(line.startswith("dpeft-train: error: ") for line in lines)
+    assert "Traceback" not in proc.stderr
+    assert not out.exists(), "nothing may be written (or loaded) for a bad config"
