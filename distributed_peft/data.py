@@ -154,7 +154,8 @@ def prepare_task_data(cfg: DictConfig, tokenizer) -> TaskData:
     if not train or not evaluation:
         raise DataError(
             f"training.max_seq_len={training.max_seq_len}: no {'train' if not train else 'eval'} example left "
-            f"after truncation={training.truncation!r}; allowed: a larger max_seq_len or truncation=truncate"
+            f"(truncation={training.truncation!r}, {stats.dropped_too_long} dropped as too long); "
+            "allowed: a max_seq_len that fits the prompts"
         )
     stats.train, stats.eval = len(train), len(evaluation)
     stats.eval_example_ids = sorted(example["id"] for example in evaluation)

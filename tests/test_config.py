@@ -78,7 +78,7 @@ BAD_CONFIGS = [
     (["task.data.sample_file=missing.jsonl"], "task.data.sample_file='missing.jsonl' is not a bundled sample"),
     (["task.data.source=hub", "task.data.hub_id=null"], "task.data.hub_id=None is invalid"),
     (["task.data.fraction=0"], "task.data.fraction=0.0 is invalid; it must be in (0, 1]"),
-    (["task.prompt_template={toxic} {mood}"], "has no column for template field(s) mood"),
+    (["task.prompt_template='{toxic} {mood}'"], "has no column for template field(s) mood"),
     (["model.lora_target_modules=[]"], "peft.target_modules=None is invalid: model family 'llama'"),
     (["model.family=gpt2"], "model.family='gpt2' is not allowed; allowed: llama, bloom, mistral"),
 ]

@@ -1,0 +1,118 @@
+"""Completion-only masking, truncation/drop accounting, seeded split, one loading path for every source."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from conftest import compose_config, shared_dataset
+
+from distributed_peft.data import IGNORE_INDEX, collate_padded, format_example, prepare_task_data, tokenize_example
+from distributed_peft.errors import DataError
+from distributed_peft.model import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizers(bases):
+    return {name: load_tokenizer(str(path)) for name, path in bases.items()}
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-bloom"])
+@pytest.mark.parametrize("task", ["detox", "sql", "instruct"])
+def test_prompt_tokens_unlabelled_and_every_completion_token_labelled(task, model, tokenizers):
+    tokenizer = tokenizers[model]
+    cfg = compose_config([f"task={task}", f"model={model}", "task.data.max_examples=200"])
+    data = prepare_task_data(cfg, tokenizer)
+    for example in data.train[:100]:
+        labels, ids = example["labels"], example["input_ids"]
+        n_prompt = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        assert all(label == IGNORE_INDEX for label in labels[:n_prompt])
+        assert labels[n_prompt:] == ids[n_prompt:], "every completion token (and EOS) carries its own id as label"
+        assert ids[-1] == tokenizer.eos_token_id
+    if model == "tiny-llama":
+        assert data.train[0]["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_labels_decode_to_exactly_the_completion(tokenizers):
+    tokenizer = tokenizers["tiny-llama"]
+    cfg = compose_config(["task=detox"])
+    record = {"toxic": "this idiot knows nothing", "neutral": "he does not know much"}
+    prompt, completion = format_example(record, cfg.task)
+    assert prompt == "<Toxic>: this idiot knows nothing\n<Neutral>: "
+    example = tokenize_example(prompt, completion, tokenizer, max_seq_len=128)
+    labelled = [t for t in example["labels"] if t != IGNORE_INDEX]
+    assert tokenizer.decode(labelled[:-1]) == completion
+    assert labelled[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(example["input_ids"], skip_special_tokens=True) == prompt + completion
+
+
+def test_instruct_uses_the_no_input_template_when_input_is_empty():
+    task = compose_config(["task=instruct"]).task
+    with_input, _ = format_example({"instruction": "Add", "input": "1, 2", "response": "3"}, task)
+    without, _ = format_example({"instruction": "Add", "input": " ", "response": "3"}, task)
+    assert "<Input>: 1, 2" in with_input and "<Input>" not in without
+
+
+def test_truncation_is_counted_and_drop_removes_long_examples(tokenizers):
+    tokenizer = tokenizers["tiny-llama"]
+    truncated = prepare_task_data(compose_config(["task=sql", "training.max_seq_len=96"]), tokenizer)
+    assert truncated.stats.truncated > 0 and truncated.stats.dropped_too_long >= 0
+    assert max(len(e["input_ids"]) for e in truncated.train) == 96
+    dropped = prepare_task_data(compose_config(["task=sql", "training.max_seq_len=96", "training.truncation=drop"]),
+                                tokenizer)  # fmt: skip
+    assert dropped.stats.truncated == 0
+    assert dropped.stats.dropped_too_long > 0
+    assert len(dropped.train) + len(dropped.eval) + dropped.stats.dropped_too_long == dropped.stats.loaded
+    assert max(len(e["input_ids"]) for e in dropped.train) <= 96
+
+
+def test_empty_after_filtering_is_a_data_error(tokenizers):
+    with pytest.raises(DataError, match="training.max_seq_len=8: no train example left"):
+        prepare_task_data(compose_config(["task=sql", "training.max_seq_len=8", "training.truncation=drop"]),
+                          tokenizers["tiny-llama"])  # fmt: skip
+
+
+def test_split_is_seeded_recorded_and_disjoint(tokenizers):
+    tokenizer = tokenizers["tiny-bloom"]
+    first = prepare_task_data(compose_config(["task=detox", "model=tiny-bloom"]), tokenizer)
+    again = prepare_task_data(compose_config(["task=detox", "model=tiny-bloom"]), tokenizer)
+    other = prepare_task_data(compose_config(["task=detox", "model=tiny-bloom", "training.seed=7"]), tokenizer)
+    assert first.stats.eval_example_ids == again.stats.eval_example_ids
+    assert first.stats.eval_example_ids != other.stats.eval_example_ids
+    assert not set(first.stats.eval_example_ids) & {e["id"] for e in first.train}
+    assert first.stats.eval == len(first.eval) == 200 and first.stats.loaded == 2000
+    assert json.loads(first.stats.to_json())["eval_example_ids"] == first.stats.eval_example_ids
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "tsv", "parquet"])
+def test_custom_local_files_of_every_format_load_the_same(suffix, tmp_path, tokenizers):
+    import pandas as pd
+
+    records = [{"prompt": f"Q{i} = ", "completion": f"answer, {i}"} for i in range(20)]
+    path = tmp_path / f"data.{suffix}"
+    frame = pd.DataFrame(records)
+    if suffix == "jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif suffix == "parquet":
+        frame.to_parquet(path)
+    else:
+        frame.to_csv(path, index=False, sep="\t" if suffix == "tsv" else ",", quoting=csv.QUOTE_MINIMAL)
+    data = prepare_task_data(compose_config(["task=custom", f"task.data.path={path}"]), tokenizers["tiny-llama"])
+    assert data.stats.loaded == 20 and data.stats.train + data.stats.eval == 20
+
+
+def test_real_paradetox_tsv_loads_with_a_column_map(tokenizers):
+    path = shared_dataset("paradetox/paradetox.tsv")
+    cfg = compose_config(["task=detox", f"task.data.path={path}", "task.data.columns.toxic=toxic",
+                          "task.data.columns.neutral=neutral1"])  # fmt: skip
+    data = prepare_task_data(cfg, tokenizers["tiny-llama"])
+    assert data.stats.loaded == 10427
+    assert data.stats.train + data.stats.eval + data.stats.empty_completion + data.stats.dropped_too_long == 10427
+
+
+def test_collate_pads_right_without_loss_on_padding():
+    batch = collate_padded([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], 0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
