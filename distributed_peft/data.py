@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ def _load_dataset_args(data: DictConfig) -> tuple[tuple, dict[str, Any]]:
     if builder == "csv":
         kwargs.update(keep_default_na=False)  # an empty cell is "", not NaN
         if fmt == "tsv":
-            kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+            kwargs.update(delimiter="\t")
     return (builder,), kwargs
 
 
