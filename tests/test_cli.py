@@ -1,0 +1,60 @@
+"""The entry points as users run them: console scripts, `python -m`, `accelerate launch -m`, dpeft-eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PROJECT_ROOT
+
+BIN = Path(sys.executable).parent
+QUICK = ["training=demo", "training.max_steps=8", "training.eval_steps=4", "training.max_eval_examples=32"]
+
+
+def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=timeout, env=os.environ)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_console_script_trains_and_dpeft_eval_reproduces_it(tmp_path, bases):
+    out = tmp_path / "sql"
+    proc = run([str(BIN / "dpeft-train"), "task=sql", "model=tiny-bloom", "peft=qlora", *QUICK, f"output_dir={out}"])
+    assert "effective batch 8 = micro batch 8 x gradient accumulation 1 x world size 1" in proc.stdout
+    assert f"adapter: {out / 'adapter'}" in proc.stdout
+    trained = json.loads((out / "eval.json").read_text())
+    (out / "eval.json").unlink()
+    proc = run([str(BIN / "dpeft-eval"), f"adapter={out / 'adapter'}"])
+    assert f"reports: {out / 'eval.md'}" in proc.stdout
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert abs(evaluated["adapter"]["loss"] - trained["adapter"]["loss"]) < 1e-4
+    assert "| loss |" in (out / "eval.md").read_text()
+
+
+@pytest.mark.slow
+def test_python_dash_m_and_accelerate_launch_run_the_same_module(tmp_path, bases):
+    accelerate = shutil.which("accelerate", path=str(BIN))
+    module = [sys.executable, "-m", "distributed_peft.train"]
+    launched = [accelerate, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "-m", "distributed_peft.train"]  # fmt: skip
+    losses = []
+    for name, prefix in [("module", module), ("launched", launched)]:
+        run([*prefix, "task=detox", "model=tiny-llama", "peft=lora", *QUICK, f"output_dir={tmp_path / name}"])
+        losses.append(json.loads((tmp_path / name / "eval.json").read_text())["adapter"]["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5), "the same seed must give the same adapter either way"
+
+
+def test_dpeft_eval_refuses_a_directory_that_is_not_an_adapter(tmp_path):
+    proc = subprocess.run([str(BIN / "dpeft-eval"), f"adapter={tmp_path}"], capture_output=True, text=True,
+                          cwd=PROJECT_ROOT, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"dpeft-eval: error: adapter='{tmp_path}' is not a distributed-peft adapter directory; "
+        "it must hold adapter_model.safetensors and dpeft_adapter.json"
+    )
