@@ -58,7 +58,9 @@ def check_overrides(overrides: list[str], config_name: str = "config") -> DictCo
         if group in CONFIG_GROUPS and override.value_type is not None and "." not in group:
             choice = override.value()
             if isinstance(choice, str) and choice not in group_options(group):
-                problems.append(f"{group}={choice!r} is not a known {group}; allowed: {', '.join(group_options(group))}")
+                problems.append(
+                    f"{group}={choice!r} is not a known {group}; allowed: {', '.join(group_options(group))}"
+                )
     if problems:
         raise ConfigError(problems)
     register_configs()

@@ -341,7 +341,9 @@ def validate(cfg: DictConfig) -> None:
     _allowed(problems, "training.truncation", training.truncation, TRUNCATION_POLICIES)
     _check(problems, 0 < training.eval_fraction < 1, "training.eval_fraction", training.eval_fraction, "in (0, 1)")
     if training.max_eval_examples is not None:
-        _check(problems, training.max_eval_examples > 0, "training.max_eval_examples", training.max_eval_examples, "> 0")
+        _check(
+            problems, training.max_eval_examples > 0, "training.max_eval_examples", training.max_eval_examples, "> 0"
+        )
     _check(problems, training.eval_steps >= 0, "training.eval_steps", training.eval_steps, ">= 0 (0: only at the end)")
     _allowed(problems, "training.optimizer", training.optimizer, OPTIMIZERS)
     _allowed(problems, "training.mixed_precision", training.mixed_precision, MIXED_PRECISION)

@@ -92,9 +92,11 @@ class DataStats:
     eval_example_ids: list[int] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"data: {self.loaded} loaded from {self.source}, {self.train} train / {self.eval} eval "
-                f"(seed {self.split_seed}); {self.truncated} truncated, {self.dropped_too_long} dropped as too "
-                f"long, {self.empty_completion} without completion")  # fmt: skip
+        return (
+            f"data: {self.loaded} loaded from {self.source}, {self.train} train / {self.eval} eval "
+            f"(seed {self.split_seed}); {self.truncated} truncated, {self.dropped_too_long} dropped as too "
+            f"long, {self.empty_completion} without completion"
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

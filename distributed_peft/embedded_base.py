@@ -110,8 +110,15 @@ def model_config(model_cfg: DictConfig, tokenizer):
                 f"model.base.intermediate_size={base.intermediate_size} is invalid for BLOOM; "
                 f"it must be 4 * hidden_size = {4 * base.hidden_size}"
             )
-        return BloomConfig(vocab_size=vocab, hidden_size=base.hidden_size, n_layer=base.num_layers,
-                           n_head=base.num_heads, hidden_dropout=0.0, attention_dropout=0.0, **ids)  # fmt: skip
+        return BloomConfig(
+            vocab_size=vocab,
+            hidden_size=base.hidden_size,
+            n_layer=base.num_layers,
+            n_head=base.num_heads,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            **ids,
+        )
     return LlamaConfig(
         vocab_size=vocab,
         hidden_size=base.hidden_size,
@@ -209,8 +216,10 @@ def main(cfg: DictConfig) -> None:
     """Build the embedded base named by `model=` (tiny-llama or tiny-bloom) and print where it is."""
     directory = build_base(cfg.model, force=bool(os.environ.get("DPEFT_REBUILD_BASE")))
     metadata = base_metadata(directory)
-    print(f"{metadata['name']}: {metadata['parameters']:,} parameters, pretrain loss "
-          f"{metadata['pretrain']['first_loss']:.3f} -> {metadata['pretrain']['final_loss']:.3f}")  # fmt: skip
+    print(
+        f"{metadata['name']}: {metadata['parameters']:,} parameters, pretrain loss "
+        f"{metadata['pretrain']['first_loss']:.3f} -> {metadata['pretrain']['final_loss']:.3f}"
+    )
     print(f"fingerprint {metadata['fingerprint']}")
     print(f"saved in {directory}")
 

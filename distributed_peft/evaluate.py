@@ -1,7 +1,7 @@
 """Base-vs-adapter evaluation on the task's validation split: eval loss and token accuracy.
 
-    dpeft-eval adapter=runs/detox-tiny-llama/adapter
-    dpeft-eval task=detox model=tiny-llama        # the adapter of that run's output_dir
+dpeft-eval adapter=runs/detox-tiny-llama/adapter
+dpeft-eval task=detox model=tiny-llama        # the adapter of that run's output_dir
 """
 
 from __future__ import annotations

@@ -100,9 +100,9 @@ def plot_loss_curves(run_dir: Path, title: str) -> Path:
     evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=2)
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss", linewidth=2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (completion tokens)")
     ax.set_title(title)

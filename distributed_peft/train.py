@@ -71,16 +71,22 @@ class FinetuneRecipe:
         train_loader = torch.utils.data.DataLoader(
             self.data.train, batch_size=training.micro_batch_size, shuffle=True, collate_fn=collate, generator=generator
         )
-        eval_loader = torch.utils.data.DataLoader(self.data.eval, batch_size=training.eval_batch_size, collate_fn=collate)
+        eval_loader = torch.utils.data.DataLoader(
+            self.data.eval, batch_size=training.eval_batch_size, collate_fn=collate
+        )
         optimizer = self._optimizer(model)
         self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
             model, optimizer, train_loader, eval_loader
         )
         micro_steps_per_epoch = len(self.train_loader)
         steps_per_epoch = max(1, micro_steps_per_epoch // training.gradient_accumulation_steps)
-        self.total_steps = training.max_steps if training.max_steps > 0 else math.ceil(training.epochs * steps_per_epoch)
+        self.total_steps = (
+            training.max_steps if training.max_steps > 0 else math.ceil(training.epochs * steps_per_epoch)
+        )
         self.scheduler = self._scheduler(self.optimizer)
-        self.effective_batch = training.micro_batch_size * training.gradient_accumulation_steps * accelerator.num_processes
+        self.effective_batch = (
+            training.micro_batch_size * training.gradient_accumulation_steps * accelerator.num_processes
+        )
         self.print(
             f"effective batch {self.effective_batch} = micro batch {training.micro_batch_size} x gradient "
             f"accumulation {training.gradient_accumulation_steps} x world size {accelerator.num_processes}; "
@@ -124,7 +130,7 @@ class FinetuneRecipe:
             epoch += 1
 
     def train_step(self, window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """One optimizer step over a window of micro batches, the loss weighted by tokens across the window and ranks."""
+        """One optimizer step over a window of micro batches, loss weighted by tokens across the window and ranks."""
         from distributed_peft.distributed import global_sum
         from distributed_peft.objective import completion_token_stats, count_label_tokens
 
@@ -166,8 +172,13 @@ class FinetuneRecipe:
         training, log_every = self.cfg.training, self.cfg.logging.log_every_steps
         self.model.train()
         show = self.accelerator.is_main_process and self.cfg.logging.progress_bar
-        bar = tqdm(total=self.total_steps, desc=f"train {self.cfg.task.name}", unit="step", disable=not show,
-                   mininterval=0.5 if sys.stderr.isatty() else 10.0)  # fmt: skip
+        bar = tqdm(
+            total=self.total_steps,
+            desc=f"train {self.cfg.task.name}",
+            unit="step",
+            disable=not show,
+            mininterval=0.5 if sys.stderr.isatty() else 10.0,
+        )
         start, tokens_seen, self.train_tokens = time.perf_counter(), 0.0, 0.0
         windows = self._windows()
         for step in range(1, self.total_steps + 1):
@@ -194,15 +205,24 @@ class FinetuneRecipe:
 
         cfg, accelerator = self.cfg, self.accelerator
         results = evaluate_base_and_adapter(self.model, self.eval_loader, accelerator)
-        self.log.log({"eval/loss": results["adapter"]["loss"],
-                      "eval/token_accuracy": results["adapter"]["token_accuracy"],
-                      "eval/base_loss": results["base"]["loss"]}, self.total_steps)  # fmt: skip
+        self.log.log(
+            {
+                "eval/loss": results["adapter"]["loss"],
+                "eval/token_accuracy": results["adapter"]["token_accuracy"],
+                "eval/base_loss": results["base"]["loss"],
+            },
+            self.total_steps,
+        )
         metadata = {
             "task": cfg.task.name,
             "task_description": cfg.task.description,
             "base": self.base_identity.to_dict(),
-            "peft": {"method": cfg.peft.method, "r": cfg.peft.r, "alpha": cfg.peft.alpha,
-                     "target_modules": lora_targets(cfg)},  # fmt: skip
+            "peft": {
+                "method": cfg.peft.method,
+                "r": cfg.peft.r,
+                "alpha": cfg.peft.alpha,
+                "target_modules": lora_targets(cfg),
+            },
             "run": {
                 "optimizer_steps": self.total_steps,
                 "effective_batch": self.effective_batch,

@@ -41,8 +41,21 @@ def test_console_script_trains_and_dpeft_eval_reproduces_it(tmp_path, bases):
 def test_python_dash_m_and_accelerate_launch_run_the_same_module(tmp_path, bases):
     accelerate = shutil.which("accelerate", path=str(BIN))
     module = [sys.executable, "-m", "distributed_peft.train"]
-    launched = [accelerate, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", "-m", "distributed_peft.train"]  # fmt: skip
+    launched = [
+        accelerate,
+        "launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "distributed_peft.train",
+    ]
     losses = []
     for name, prefix in [("module", module), ("launched", launched)]:
         run([*prefix, "task=detox", "model=tiny-llama", "peft=lora", *QUICK, f"output_dir={tmp_path / name}"])
@@ -51,8 +64,9 @@ def test_python_dash_m_and_accelerate_launch_run_the_same_module(tmp_path, bases
 
 
 def test_dpeft_eval_refuses_a_directory_that_is_not_an_adapter(tmp_path):
-    proc = subprocess.run([str(BIN / "dpeft-eval"), f"adapter={tmp_path}"], capture_output=True, text=True,
-                          cwd=PROJECT_ROOT, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "dpeft-eval"), f"adapter={tmp_path}"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         f"dpeft-eval: error: adapter='{tmp_path}' is not a distributed-peft adapter directory; "

@@ -46,7 +46,15 @@ def test_experiment_overlays_reproduce_the_amp_recipe():
 def test_model_configs_carry_their_lora_targets():
     assert compose_config(["model=bloom-1b1"]).model.lora_target_modules[0] == "query_key_value"
     llama = compose_config(["model=llama-3.2-1b"]).model
-    assert set(llama.lora_target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(llama.lora_target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
 
 
 # (overrides, a fragment the single error line must contain). The key and the bad value are always named.
@@ -102,8 +110,14 @@ def test_custom_file_without_the_needed_columns(tmp_path):
         f"task.data.path='{path}' lacks column(s) completion, prompt; allowed: its columns question, answer "
         "(map them with task.data.columns.FIELD=COLUMN)"
     ]
-    cfg = compose_config(["task=custom", f"task.data.path={path}", "task.data.columns.prompt=question",
-                          "task.data.columns.completion=answer"])  # fmt: skip
+    cfg = compose_config(
+        [
+            "task=custom",
+            f"task.data.path={path}",
+            "task.data.columns.prompt=question",
+            "task.data.columns.completion=answer",
+        ]
+    )
     assert cfg.task.data.columns.prompt == "question"
 
 
@@ -126,8 +140,11 @@ def test_cli_exits_2_with_one_line_per_problem_and_no_traceback(args, expected, 
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "distributed_peft.train", *args, f"output_dir={out}"],
-        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[0] == expected or lines[0].startswith(expected)

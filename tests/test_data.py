@@ -59,8 +59,9 @@ def test_truncation_is_counted_and_drop_removes_long_examples(tokenizers):
     truncated = prepare_task_data(compose_config(["task=sql", "training.max_seq_len=96"]), tokenizer)
     assert truncated.stats.truncated > 0 and truncated.stats.dropped_too_long >= 0
     assert max(len(e["input_ids"]) for e in truncated.train) == 96
-    dropped = prepare_task_data(compose_config(["task=sql", "training.max_seq_len=96", "training.truncation=drop"]),
-                                tokenizer)  # fmt: skip
+    dropped = prepare_task_data(
+        compose_config(["task=sql", "training.max_seq_len=96", "training.truncation=drop"]), tokenizer
+    )
     assert dropped.stats.truncated == 0
     assert dropped.stats.dropped_too_long > 0
     assert len(dropped.train) + len(dropped.eval) + dropped.stats.dropped_too_long == dropped.stats.loaded
@@ -69,8 +70,9 @@ def test_truncation_is_counted_and_drop_removes_long_examples(tokenizers):
 
 def test_empty_after_filtering_is_a_data_error(tokenizers):
     with pytest.raises(DataError, match="training.max_seq_len=8: no train example left"):
-        prepare_task_data(compose_config(["task=sql", "training.max_seq_len=8", "training.truncation=drop"]),
-                          tokenizers["tiny-llama"])  # fmt: skip
+        prepare_task_data(
+            compose_config(["task=sql", "training.max_seq_len=8", "training.truncation=drop"]), tokenizers["tiny-llama"]
+        )
 
 
 def test_split_is_seeded_recorded_and_disjoint(tokenizers):
@@ -104,8 +106,9 @@ def test_custom_local_files_of_every_format_load_the_same(suffix, tmp_path, toke
 
 def test_real_paradetox_tsv_loads_with_a_column_map(tokenizers):
     path = shared_dataset("paradetox/paradetox.tsv")
-    cfg = compose_config(["task=detox", f"task.data.path={path}", "task.data.columns.toxic=toxic",
-                          "task.data.columns.neutral=neutral1"])  # fmt: skip
+    cfg = compose_config(
+        ["task=detox", f"task.data.path={path}", "task.data.columns.toxic=toxic", "task.data.columns.neutral=neutral1"]
+    )
     data = prepare_task_data(cfg, tokenizers["tiny-llama"])
     assert data.stats.loaded == 10427
     assert data.stats.train + data.stats.eval + data.stats.empty_completion + data.stats.dropped_too_long == 10427

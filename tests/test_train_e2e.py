@@ -13,14 +13,33 @@ from distributed_peft.evaluate import run_evaluation
 from distributed_peft.tracking import read_metrics
 from distributed_peft.train import FinetuneRecipe, run_training
 
-RUN_FILES = ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
-             "adapter/dpeft_adapter.json", "config.yaml", "split.json", "metrics.jsonl", "eval.json", "eval.md",
-             "loss.png", "README.md"]  # fmt: skip
+RUN_FILES = [
+    "adapter/adapter_model.safetensors",
+    "adapter/adapter_config.json",
+    "adapter/tokenizer.json",
+    "adapter/dpeft_adapter.json",
+    "config.yaml",
+    "split.json",
+    "metrics.jsonl",
+    "eval.json",
+    "eval.md",
+    "loss.png",
+    "README.md",
+]
 
 
 def train_overrides(task: str, model: str, out, *extra: str) -> list[str]:
-    return [f"task={task}", f"model={model}", "peft=qlora", "training=demo", "training.max_steps=40",
-            "training.eval_steps=20", "training.max_eval_examples=64", f"output_dir={out}", *extra]  # fmt: skip
+    return [
+        f"task={task}",
+        f"model={model}",
+        "peft=qlora",
+        "training=demo",
+        "training.max_steps=40",
+        "training.eval_steps=20",
+        "training.max_eval_examples=64",
+        f"output_dir={out}",
+        *extra,
+    ]
 
 
 def assert_adapter_complete(adapter_dir, r: int) -> None:
@@ -74,8 +93,15 @@ def test_qlora_adapter_beats_base_saves_complete_and_reloads(task, model, tmp_pa
 )
 def test_qlora_adapter_learns_real_data(task, relative, columns, tmp_path, bases):
     path = shared_dataset(relative)
-    overrides = train_overrides(task, "tiny-llama", tmp_path, f"task.data.path={path}", "training.max_seq_len=256",
-                                "task.data.max_examples=2000", *columns)  # fmt: skip
+    overrides = train_overrides(
+        task,
+        "tiny-llama",
+        tmp_path,
+        f"task.data.path={path}",
+        "training.max_seq_len=256",
+        "task.data.max_examples=2000",
+        *columns,
+    )
     results = run_training(compose_config(overrides))
     assert results["adapter"]["loss"] < results["base"]["loss"], results
     assert_adapter_complete(tmp_path / "adapter", r=16)
@@ -122,7 +148,16 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, bases):
     """micro 4 x accumulation 2 takes the same optimizer steps as micro 8: the loss is weighted by tokens."""
     common = ["training.max_steps=6", "training.eval_steps=0", "peft.dropout=0", "training.lr_scheduler=constant"]
     big = run_training(compose_config(train_overrides("sql", "tiny-llama", tmp_path / "big", *common)))
-    accumulated = run_training(compose_config(train_overrides(
-        "sql", "tiny-llama", tmp_path / "acc", *common, "training.micro_batch_size=4",
-        "training.gradient_accumulation_steps=2")))  # fmt: skip
+    accumulated = run_training(
+        compose_config(
+            train_overrides(
+                "sql",
+                "tiny-llama",
+                tmp_path / "acc",
+                *common,
+                "training.micro_batch_size=4",
+                "training.gradient_accumulation_steps=2",
+            )
+        )
+    )
     assert accumulated["adapter"]["loss"] == pytest.approx(big["adapter"]["loss"], rel=1e-3)
