@@ -33,12 +33,13 @@ class RunLog:
             from accelerate.tracking import WandBTracker
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            kwargs = {"project": cfg.logging.wandb_project, "mode": cfg.logging.wandb_mode, "dir": str(run_dir)}
-            self._start(lambda: WandBTracker(run_name, **kwargs), config, "wandb")
+            kwargs = {"name": run_name, "mode": cfg.logging.wandb_mode, "dir": str(run_dir)}
+            self._start(lambda: WandBTracker(cfg.logging.wandb_project, **kwargs), config, "wandb")
 
     def _start(self, make_tracker, config: dict[str, Any], name: str) -> None:
         try:
             tracker = make_tracker()
+            tracker.start()
             tracker.store_init_configuration(config)
             self.trackers.append(tracker)
         except Exception as exc:  # a tracker must never fail a run (wandb not logged in, no network...)
