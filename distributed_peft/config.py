@@ -33,7 +33,8 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "adamw_8bit")
 TRUNCATION_POLICIES = ("truncate", "drop")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-DISTRIBUTED_STRATEGIES = ("auto",)
+DISTRIBUTED_STRATEGIES = ("auto", "ddp", "zero2", "zero3", "zero3_offload", "fsdp")
+SHARDED_PARAMETER_STRATEGIES = ("zero3", "zero3_offload", "fsdp")  # the 4-bit storage dtype must match shards
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -115,7 +116,7 @@ class PeftConfig:
 
 @dataclass
 class DistributedConfig:
-    strategy: str = "auto"  # auto: whatever `accelerate launch` set up (single process or DDP)
+    strategy: str = "auto"  # auto: whatever `accelerate launch` set up; else checked against the launch
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     timeout_s: int = 600
 
@@ -163,6 +164,12 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output_dir: str = "runs/${task.name}-${model.name}"
     adapter: Optional[str] = None  # dpeft-eval: a trained run's adapter directory
+    # dpeft-launch: workers per node and the node layout (defaults from NUM_GPU_WORKERS, NUM_MACHINES, ...)
+    num_gpu_workers: int = 1
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str = "127.0.0.1"
+    main_process_port: int = 29500
     allow_base_mismatch: bool = False  # load an adapter onto a base other than the one it was trained on
 
 
@@ -321,6 +328,11 @@ def validate(cfg: DictConfig) -> None:
     _allowed(problems, "distributed.strategy", cfg.distributed.strategy, DISTRIBUTED_STRATEGIES)
     _allowed(problems, "distributed.backend", cfg.distributed.backend, ("auto", "gloo", "nccl"))
     _check(problems, cfg.distributed.timeout_s > 0, "distributed.timeout_s", cfg.distributed.timeout_s, "> 0")
+    _check(problems, cfg.num_gpu_workers >= 1, "num_gpu_workers", cfg.num_gpu_workers, "an integer >= 1")
+    _check(problems, cfg.num_machines >= 1, "num_machines", cfg.num_machines, "an integer >= 1")
+    _check(problems, 0 <= cfg.machine_rank < max(cfg.num_machines, 1), "machine_rank", cfg.machine_rank,
+           f"in [0, {cfg.num_machines - 1}] (num_machines={cfg.num_machines})")
+    _check(problems, 0 < cfg.main_process_port < 65536, "main_process_port", cfg.main_process_port, "a TCP port")
 
     _check(problems, training.lr > 0, "training.lr", training.lr, "> 0")
     _allowed(problems, "training.lr_scheduler", training.lr_scheduler, LR_SCHEDULERS)

@@ -40,6 +40,39 @@ def build_accelerator(cfg: DictConfig):
     )
 
 
+def launched_strategy(accelerator) -> str:
+    """The strategy this process actually runs under, named like the `distributed` group's options."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        zero = plugin.deepspeed_config.get("zero_optimization", {})
+        offloaded = zero.get("offload_param", {}).get("device", "none") not in ("none", None)
+        return {2: "zero2", 3: "zero3_offload" if offloaded else "zero3"}.get(plugin.zero_stage, f"zero{plugin.zero_stage}")
+    if kind == DistributedType.FSDP:
+        return "fsdp"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def check_launch_matches(cfg: DictConfig, accelerator) -> str:
+    """Refuse a run whose `distributed` choice differs from how it was launched (a silent DDP instead of ZeRO-3)."""
+    from distributed_peft.errors import ConfigError
+
+    wanted, actual = cfg.distributed.strategy, launched_strategy(accelerator)
+    if wanted not in ("auto", actual) and not (wanted == "ddp" and actual == "single"):
+        raise ConfigError(
+            f"distributed={wanted!r} but this process was launched as {actual!r}; launch it with "
+            f"`dpeft-launch distributed={wanted} ...` or `accelerate launch --config_file "
+            f"launch/accelerate/{wanted}.yaml -m distributed_peft.train distributed={wanted} ...`"
+        )
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("gradient_clipping") in (None, "auto"):
+            ds_config["gradient_clipping"] = cfg.training.max_grad_norm  # DeepSpeed clips inside its step
+    return actual
+
+
 def global_sum(accelerator, value: float | int) -> float:
     """Sum of a number over all processes (itself on a single process)."""
     if accelerator.num_processes == 1:

@@ -85,7 +85,11 @@ def load_tokenizer(path: str):
 
 
 def load_base_model(cfg: DictConfig, path: str, device: torch.device | str = "cpu", sharded_parameters: bool = False):
-    """The frozen base: 4-bit for QLoRA (on `device`), or in the model's dtype for LoRA."""
+    """The frozen base: 4-bit for QLoRA (on `device`), or in the model's dtype for LoRA.
+
+    transformers never wraps a quantized model in DeepSpeed's zero.Init, so under ZeRO-3 the 4-bit base loads
+    whole on each rank and DeepSpeed shards it when prepared (its storage dtype equal to the compute dtype).
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs = {
@@ -95,7 +99,8 @@ def load_base_model(cfg: DictConfig, path: str, device: torch.device | str = "cp
     }
     if cfg.peft.method == "qlora":
         kwargs["quantization_config"] = quantization_config(cfg, sharded_parameters)
-        kwargs["device_map"] = {"": device}
+        if not sharded_parameters:  # ZeRO-3 and FSDP place (and shard) the weights themselves
+            kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     return model

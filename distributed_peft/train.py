@@ -38,7 +38,8 @@ class FinetuneRecipe:
         from accelerate.utils import set_seed
 
         from distributed_peft.data import collate_padded, prepare_task_data
-        from distributed_peft.distributed import build_accelerator
+        from distributed_peft.config import SHARDED_PARAMETER_STRATEGIES
+        from distributed_peft.distributed import build_accelerator, check_launch_matches
         from distributed_peft.model import attach_lora, load_base_model, load_tokenizer, resolve_base
         from distributed_peft.tracking import RunLog, quiet_library_progress
 
@@ -47,6 +48,7 @@ class FinetuneRecipe:
         if training.optimizer in ("paged_adamw_8bit", "adamw_8bit") and not torch.cuda.is_available():
             raise ConfigError(f"training.optimizer={training.optimizer!r} needs CUDA; allowed here: adamw_torch")
         self.accelerator = accelerator = build_accelerator(cfg)
+        self.strategy = check_launch_matches(cfg, accelerator)
         set_seed(training.seed)
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +61,8 @@ class FinetuneRecipe:
         if accelerator.is_main_process:
             (self.run_dir / "split.json").write_text(self.data.stats.to_json())
 
-        base = load_base_model(cfg, self.base_path, device=accelerator.device)
+        base = load_base_model(cfg, self.base_path, device=accelerator.device,
+                               sharded_parameters=self.strategy in SHARDED_PARAMETER_STRATEGIES)
         model = attach_lora(base, cfg, gradient_checkpointing=training.gradient_checkpointing)
         trainable, total = model.get_nb_trainable_parameters()
         self.print(f"model: {cfg.model.name} ({cfg.peft.method}), {trainable:,} trainable of {total:,} parameters")
@@ -90,7 +93,7 @@ class FinetuneRecipe:
         self.print(
             f"effective batch {self.effective_batch} = micro batch {training.micro_batch_size} x gradient "
             f"accumulation {training.gradient_accumulation_steps} x world size {accelerator.num_processes}; "
-            f"{self.total_steps} optimizer steps"
+            f"{self.total_steps} optimizer steps; strategy {self.strategy}"
         )
         self.log = RunLog(cfg, self.run_dir, accelerator.is_main_process)
 
@@ -149,12 +152,14 @@ class FinetuneRecipe:
                 loss_sum += batch_loss_sum.item()
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.cfg.training.max_grad_norm)
+                    if grad_norm is None and hasattr(model, "get_global_grad_norm"):  # DeepSpeed clips in its step
+                        grad_norm = model.get_global_grad_norm()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return {
             "train/loss": global_sum(accelerator, loss_sum) / max(window_tokens, 1.0),
-            "train/grad_norm": float(grad_norm),
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/tokens": window_tokens,
             "train/padded_tokens": global_sum(accelerator, sum(b["input_ids"].numel() for b in window)),
