@@ -330,8 +330,13 @@ def validate(cfg: DictConfig) -> None:
     _check(problems, cfg.distributed.timeout_s > 0, "distributed.timeout_s", cfg.distributed.timeout_s, "> 0")
     _check(problems, cfg.num_gpu_workers >= 1, "num_gpu_workers", cfg.num_gpu_workers, "an integer >= 1")
     _check(problems, cfg.num_machines >= 1, "num_machines", cfg.num_machines, "an integer >= 1")
-    _check(problems, 0 <= cfg.machine_rank < max(cfg.num_machines, 1), "machine_rank", cfg.machine_rank,
-           f"in [0, {cfg.num_machines - 1}] (num_machines={cfg.num_machines})")
+    _check(
+        problems,
+        0 <= cfg.machine_rank < max(cfg.num_machines, 1),
+        "machine_rank",
+        cfg.machine_rank,
+        f"in [0, {cfg.num_machines - 1}] (num_machines={cfg.num_machines})",
+    )
     _check(problems, 0 < cfg.main_process_port < 65536, "main_process_port", cfg.main_process_port, "a TCP port")
 
     _check(problems, training.lr > 0, "training.lr", training.lr, "> 0")

@@ -49,7 +49,9 @@ def launched_strategy(accelerator) -> str:
         plugin = accelerator.state.deepspeed_plugin
         zero = plugin.deepspeed_config.get("zero_optimization", {})
         offloaded = zero.get("offload_param", {}).get("device", "none") not in ("none", None)
-        return {2: "zero2", 3: "zero3_offload" if offloaded else "zero3"}.get(plugin.zero_stage, f"zero{plugin.zero_stage}")
+        return {2: "zero2", 3: "zero3_offload" if offloaded else "zero3"}.get(
+            plugin.zero_stage, f"zero{plugin.zero_stage}"
+        )
     if kind == DistributedType.FSDP:
         return "fsdp"
     return "ddp" if accelerator.num_processes > 1 else "single"

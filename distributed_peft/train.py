@@ -37,8 +37,8 @@ class FinetuneRecipe:
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
-        from distributed_peft.data import collate_padded, prepare_task_data
         from distributed_peft.config import SHARDED_PARAMETER_STRATEGIES
+        from distributed_peft.data import collate_padded, prepare_task_data
         from distributed_peft.distributed import build_accelerator, check_launch_matches
         from distributed_peft.model import attach_lora, load_base_model, load_tokenizer, resolve_base
         from distributed_peft.tracking import RunLog, quiet_library_progress
@@ -61,8 +61,12 @@ class FinetuneRecipe:
         if accelerator.is_main_process:
             (self.run_dir / "split.json").write_text(self.data.stats.to_json())
 
-        base = load_base_model(cfg, self.base_path, device=accelerator.device,
-                               sharded_parameters=self.strategy in SHARDED_PARAMETER_STRATEGIES)
+        base = load_base_model(
+            cfg,
+            self.base_path,
+            device=accelerator.device,
+            sharded_parameters=self.strategy in SHARDED_PARAMETER_STRATEGIES,
+        )
         model = attach_lora(base, cfg, gradient_checkpointing=training.gradient_checkpointing)
         trainable, total = model.get_nb_trainable_parameters()
         self.print(f"model: {cfg.model.name} ({cfg.peft.method}), {trainable:,} trainable of {total:,} parameters")
