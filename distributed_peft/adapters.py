@@ -84,5 +84,9 @@ def metrics_table(results: dict[str, Any]) -> str:
     """Markdown table: one row per metric, base and adapter side by side."""
     rows = ["| metric | base | adapter |", "| --- | --- | --- |"]
     for metric in results["adapter"]:
-        rows.append(f"| {metric} | {results['base'][metric]:.4f} | {results['adapter'][metric]:.4f} |")
+        base, adapter = results["base"][metric], results["adapter"][metric]
+        if float(base).is_integer() and float(adapter).is_integer():
+            rows.append(f"| {metric} | {int(base):,} | {int(adapter):,} |")
+        else:
+            rows.append(f"| {metric} | {base:.4f} | {adapter:.4f} |")
     return "\n".join(rows)

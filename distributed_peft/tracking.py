@@ -99,11 +99,14 @@ def plot_loss_curves(run_dir: Path, title: str) -> Path:
     rows = read_metrics(run_dir)
     train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
     evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+    base = [r["eval/base_loss"] for r in rows if "eval/base_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1)
     if evals:
         ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss", linewidth=2)
+    if base:
+        ax.axhline(base[-1], color="gray", linestyle="--", label="eval loss, base without adapter")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (completion tokens)")
     ax.set_title(title)
