@@ -11,7 +11,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_MODE ?= offline
 DEMO_DIR ?= runs/demo-detox
 
-.PHONY: install demo test lint format bench-scaling clean
+.PHONY: install demo test lint format bench-scaling prebuilt reproduce clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -47,6 +47,19 @@ test: $(STAMP) lint
 # 1 vs 2 workers, tokens/s per worker and scaling efficiency (CPU processes here, GPUs where present)
 bench-scaling: $(STAMP)
 	$(PY) scripts/bench_scaling.py
+
+# Retrain the adapters shipped in adapters_prebuilt/ (tiny-llama base, training=prebuilt) and export them
+prebuilt: $(STAMP)
+	for task in detox instruct sql; do \
+		$(VENV)/bin/dpeft-train task=$$task model=tiny-llama peft=qlora training=prebuilt \
+			logging.progress_bar=false output_dir=runs/prebuilt-$$task && \
+		$(PY) -c "from distributed_peft.reproduce import export_prebuilt, PREBUILT_DIR; from pathlib import Path; \
+			export_prebuilt(Path('runs/prebuilt-$$task'), PREBUILT_DIR / '$$task')" || exit 1; \
+	done
+
+# Retrain every shipped adapter from its recorded config and compare its metrics (exit 1 on a fail)
+reproduce: $(STAMP)
+	$(VENV)/bin/dpeft-reproduce task=all
 
 clean:
 	rm -rf runs outputs .pytest_cache .ruff_cache tests/artifacts

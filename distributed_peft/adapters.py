@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
+from distributed_peft.cli import hydra_app
+from distributed_peft.config import validate_merge
 from distributed_peft.errors import AdapterError
 from distributed_peft.model import BaseIdentity
 
@@ -59,34 +63,62 @@ def load_adapter(base_model, directory: str | Path, adapter_name: str = "default
     return PeftModel.from_pretrained(base_model, str(directory), adapter_name=adapter_name, is_trainable=False)
 
 
-def write_model_card(path: Path, metadata: dict[str, Any], eval_results: dict[str, Any] | None) -> None:
-    """A short README.md: base, its fingerprint, task, data, steps and metrics."""
-    base, run = metadata["base"], metadata["run"]
-    lines = [
-        f"# {metadata['task']} adapter on {base['name']}",
-        "",
-        f"- task: `{metadata['task']}` ({metadata.get('task_description', '')})",
-        f"- base: `{base['name_or_path']}` ({base['family']}), fingerprint `{base['fingerprint']}`",
-        f"- method: {metadata['peft']['method']} r={metadata['peft']['r']} alpha={metadata['peft']['alpha']}, "
-        f"targets {', '.join(metadata['peft']['target_modules'])}",
-        f"- data: {run['data']}",
-        f"- training: {run['optimizer_steps']} optimizer steps, effective batch {run['effective_batch']}, "
-        f"{run['train_tokens']:,} completion tokens, {run['seconds']:.0f} s",
-        "",
-    ]
-    if eval_results:
-        lines += ["## Evaluation (validation split)", "", metrics_table(eval_results), ""]
-    lines += ["## Reproduce", "", "```", run["command"], "```", ""]
-    path.write_text("\n".join(lines))
+def adapter_names(metadatas: list[dict[str, Any]]) -> list[str]:
+    """Unique peft adapter names: the task names, numbered when two adapters share a task."""
+    names: list[str] = []
+    for metadata in metadatas:
+        name = metadata["task"]
+        names.append(name if name not in names else f"{name}-{len(names)}")
+    return names
 
 
-def metrics_table(results: dict[str, Any]) -> str:
-    """Markdown table: one row per metric, base and adapter side by side."""
-    rows = ["| metric | base | adapter |", "| --- | --- | --- |"]
-    for metric in results["adapter"]:
-        base, adapter = results["base"][metric], results["adapter"][metric]
-        if float(base).is_integer() and float(adapter).is_integer():
-            rows.append(f"| {metric} | {int(base):,} | {int(adapter):,} |")
-        else:
-            rows.append(f"| {metric} | {base:.4f} | {adapter:.4f} |")
-    return "\n".join(rows)
+def load_base_with_adapters(adapter_dirs: list[str | Path], allow_mismatch: bool = False, device: str = "cpu"):
+    """Load the adapters' shared base once and attach every adapter to it (peft multi-adapter).
+
+    Returns (model, tokenizer, names, metadatas); the base is loaded as the first adapter was trained (4-bit for
+    QLoRA) and every adapter must have been trained on that same base.
+    """
+    from omegaconf import OmegaConf
+
+    from distributed_peft.model import load_base_model, load_tokenizer, resolve_base
+
+    if not adapter_dirs:
+        raise AdapterError("adapters=[] is empty; allowed: one or more adapter directories")
+    metadatas = [read_adapter_metadata(directory) for directory in adapter_dirs]
+    run_cfg = OmegaConf.create(metadatas[0]["config"])
+    path, identity = resolve_base(run_cfg.model)
+    for metadata in metadatas:
+        check_base_matches(metadata, identity, allow_mismatch)
+    tokenizer = load_tokenizer(path)
+    names = adapter_names(metadatas)
+    model = load_adapter(load_base_model(run_cfg, path, device=device), adapter_dirs[0], adapter_name=names[0])
+    for directory, name in zip(adapter_dirs[1:], names[1:], strict=True):
+        model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
+    return model, tokenizer, names, metadatas
+
+
+def merge_adapter(adapter_dir: str | Path, output: str | Path, allow_mismatch: bool = False) -> Path:
+    """Merge an adapter into a full-precision copy of its base and save a standard transformers model.
+
+    A QLoRA adapter learned against the 4-bit weights, so its base is dequantized (not reloaded from the original
+    weights): the merged model then computes what base + adapter computed.
+    """
+    model, tokenizer, _, metadatas = load_base_with_adapters([adapter_dir], allow_mismatch)
+    if metadatas[0]["peft"]["method"] == "qlora":
+        model.base_model.model.dequantize()
+    merged = model.merge_and_unload()
+    output = Path(output)
+    merged.save_pretrained(output, safe_serialization=True)
+    tokenizer.save_pretrained(output)
+    (output / "dpeft_merged.json").write_text(json.dumps({"adapter": str(adapter_dir), **metadatas[0]}, indent=2))
+    return output
+
+
+@hydra_app("dpeft-merge", config_name="merge", validator=validate_merge)
+def main(cfg: DictConfig) -> None:
+    output = merge_adapter(cfg.adapter, cfg.output, cfg.allow_base_mismatch)
+    print(f"merged {cfg.adapter} into its base: {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -38,7 +38,9 @@ def _one_line(exc: Exception) -> str:
     return re.sub(r"\s+", " ", message)
 
 
-def check_overrides(overrides: list[str], config_name: str = "config") -> DictConfig | None:
+def check_overrides(
+    overrides: list[str], config_name: str = "config", validator: Callable[[DictConfig], None] = validate
+) -> DictConfig | None:
     """Compose and validate the config the way the app will; raise ConfigError on any user mistake.
 
     Returns None when the command line holds sweeps or Hydra flags, which Hydra itself must expand.
@@ -69,17 +71,19 @@ def check_overrides(overrides: list[str], config_name: str = "config") -> DictCo
             cfg = compose(config_name=config_name, overrides=plain)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_one_line(exc)) from exc
-    validate(cfg)
+    validator(cfg)
     return cfg
 
 
-def hydra_app(prog: str, config_name: str = "config") -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+def hydra_app(
+    prog: str, config_name: str = "config", validator: Callable[[DictConfig], None] = validate
+) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """Turn `fn(cfg)` into a console-script entry point: preflight check, then `@hydra.main` over `conf/`."""
 
     def decorator(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         def run_checked(cfg: DictConfig) -> Any:
             try:
-                validate(cfg)
+                validator(cfg)
                 return fn(cfg)
             except DpeftError as error:
                 report_user_error(error, prog)
@@ -89,7 +93,7 @@ def hydra_app(prog: str, config_name: str = "config") -> Callable[[Callable[[Dic
         def entry() -> Any:
             register_configs()
             try:
-                check_overrides(sys.argv[1:], config_name)
+                check_overrides(sys.argv[1:], config_name, validator)
             except DpeftError as error:
                 report_user_error(error, prog)
                 sys.exit(USER_ERROR_EXIT_CODE)

@@ -36,6 +36,7 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DISTRIBUTED_STRATEGIES = ("auto", "ddp", "zero2", "zero3", "zero3_offload", "fsdp")
 SHARDED_PARAMETER_STRATEGIES = ("zero3", "zero3_offload", "fsdp")  # the 4-bit storage dtype must match shards
 WANDB_MODES = ("offline", "online", "disabled")
+TASK_METRICS = ("exact_match", "execution_accuracy", "bleu", "chrf", "rouge_l", "toxic_share")
 
 
 @dataclass
@@ -50,6 +51,7 @@ class DataConfig:
     path: Optional[str] = None  # a local jsonl/json/csv/tsv/parquet file
     format: Optional[str] = None  # inferred from the path's suffix when null
     columns: dict[str, str] = field(default_factory=dict)  # template field -> column in the data
+    extra_references: list[str] = field(default_factory=list)  # columns with more accepted completions (metrics)
     fraction: float = 1.0  # share of the examples to keep (after shuffling with the seed)
     max_examples: Optional[int] = None
 
@@ -61,6 +63,7 @@ class TaskConfig:
     prompt_template: str = "???"  # what the model reads; its tokens get no loss
     prompt_template_no_input: Optional[str] = None  # used when the `input` field is empty (Alpaca style)
     completion_template: str = "???"  # what the model learns to write; EOS is appended
+    metrics: list[str] = field(default_factory=lambda: ["chrf"])  # scored on greedy generations, base vs adapter
     data: DataConfig = field(default_factory=DataConfig)
 
 
@@ -145,6 +148,17 @@ class TrainingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Generation-based task metrics at the end of training and in dpeft-eval (greedy decoding)."""
+
+    generate: bool = True
+    max_generate_examples: int = 64  # validation examples decoded by base and adapter
+    max_new_tokens: int = 64
+    generation_batch_size: int = 16
+    show_examples: int = 3  # side-by-side generations in eval.md
+
+
+@dataclass
 class LoggingConfig:
     log_every_steps: int = 1
     progress_bar: bool = True
@@ -162,6 +176,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     output_dir: str = "runs/${task.name}-${model.name}"
     adapter: Optional[str] = None  # dpeft-eval: a trained run's adapter directory
     # dpeft-launch: workers per node and the node layout (defaults from NUM_GPU_WORKERS, NUM_MACHINES, ...)
@@ -171,6 +186,41 @@ class Config:
     main_process_ip: str = "127.0.0.1"
     main_process_port: int = 29500
     allow_base_mismatch: bool = False  # load an adapter onto a base other than the one it was trained on
+
+
+@dataclass
+class GenerateConfig:
+    """dpeft-generate: one base, several adapters, the same input through each."""
+
+    adapters: list[str] = field(default_factory=list)  # empty: every adapter in adapters_prebuilt/
+    prompt: str = "???"  # fills each task's main input field (detox: toxic, sql: question, instruct: instruction)
+    inputs: dict[str, str] = field(default_factory=dict)  # other fields, e.g. inputs.context='CREATE TABLE ...'
+    max_new_tokens: int = 64
+    allow_base_mismatch: bool = False
+
+
+@dataclass
+class MergeConfig:
+    """dpeft-merge: an adapter merged into a full-precision copy of its base, saved as a plain transformers model."""
+
+    adapter: str = "???"
+    output: str = "???"
+    allow_base_mismatch: bool = False
+
+
+def validate_generate(cfg: DictConfig) -> None:
+    problems: list[str] = []
+    for adapter in cfg.adapters:
+        if not Path(adapter).is_dir():
+            problems.append(f"adapters: {adapter!r} is not a directory; allowed: adapter directories")
+    _check(problems, cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "an integer >= 1")
+    if problems:
+        raise ConfigError(problems)
+
+
+def validate_merge(cfg: DictConfig) -> None:
+    if not Path(cfg.adapter).is_dir():
+        raise ConfigError(f"adapter={cfg.adapter!r} is not a directory; allowed: an adapter directory")
 
 
 def run_dir(adapter: Optional[str], output_dir: str) -> str:
@@ -183,7 +233,10 @@ def run_dir(adapter: Optional[str], output_dir: str) -> str:
 
 def register_configs() -> None:
     """Register the schema that `conf/config.yaml` starts its defaults list with, and its resolvers."""
-    ConfigStore.instance().store(name="base_config", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    store.store(name="generate_config", node=GenerateConfig)
+    store.store(name="merge_config", node=MergeConfig)
     if not OmegaConf.has_resolver("dpeft_run_dir"):
         OmegaConf.register_new_resolver("dpeft_run_dir", run_dir)
 
@@ -368,6 +421,14 @@ def validate(cfg: DictConfig) -> None:
     _allowed(problems, "logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
     _check(problems, cfg.logging.log_every_steps >= 1, "logging.log_every_steps", cfg.logging.log_every_steps, ">= 1")
 
+    for metric in task.metrics:
+        _allowed(problems, "task.metrics", metric, TASK_METRICS)
+    if "execution_accuracy" in task.metrics and "context" not in task.data.columns:
+        problems.append("task.metrics=execution_accuracy needs a `context` field with the CREATE TABLE schema")
+    evaluation = cfg.evaluation
+    for key in ("max_generate_examples", "max_new_tokens", "generation_batch_size"):
+        _check(problems, evaluation[key] >= 1, f"evaluation.{key}", evaluation[key], "an integer >= 1")
+    _check(problems, evaluation.show_examples >= 0, "evaluation.show_examples", evaluation.show_examples, ">= 0")
     _validate_data(task, problems)
     if problems:
         raise ConfigError(problems)

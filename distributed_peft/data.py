@@ -49,10 +49,15 @@ def load_records(task: DictConfig):
             f"allowed: {', '.join(dataset.column_names)}"
         )
     columns = dict(task.data.columns)
-    dataset = dataset.select_columns(sorted(set(columns.values())))
+    extra = {f"reference_{i}": column for i, column in enumerate(task.data.extra_references, start=1)}
+    missing = sorted(set(extra.values()) - set(dataset.column_names))
+    if missing:
+        raise DataError(f"task.data.extra_references: column(s) {', '.join(missing)} not in the data")
+    wanted = {**columns, **extra}
+    dataset = dataset.select_columns(sorted(set(wanted.values())))
     dataset = dataset.map(
-        lambda row: {name: "" if row[column] is None else str(row[column]) for name, column in columns.items()},
-        remove_columns=[c for c in dataset.column_names if c not in columns],
+        lambda row: {name: "" if row[column] is None else str(row[column]) for name, column in wanted.items()},
+        remove_columns=[c for c in dataset.column_names if c not in wanted],
     )
     return dataset.add_column("example_id", list(range(len(dataset))))
 
@@ -63,6 +68,12 @@ def format_example(record: dict[str, Any], task: DictConfig) -> tuple[str, str]:
     if task.prompt_template_no_input and not str(record.get("input", "")).strip():
         template = task.prompt_template_no_input
     return template.format(**record), task.completion_template.format(**record)
+
+
+def references(record: dict[str, Any], task: DictConfig) -> list[str]:
+    """Every accepted completion of a record: the completion itself, then any extra reference columns."""
+    extra = [record[k] for k in sorted(record) if k.startswith("reference_") and str(record[k]).strip()]
+    return [task.completion_template.format(**record), *extra]
 
 
 def tokenize_example(prompt: str, completion: str, tokenizer, max_seq_len: int) -> dict[str, Any]:
@@ -109,7 +120,7 @@ class TaskData:
     stats: DataStats
 
 
-def _tokenize_split(records, task, tokenizer, training, stats: DataStats) -> list[dict[str, Any]]:
+def _tokenize_split(records, task, tokenizer, training, stats: DataStats, keep_text: bool) -> list[dict[str, Any]]:
     examples = []
     for record in records:
         prompt, completion = format_example(record, task)
@@ -122,7 +133,10 @@ def _tokenize_split(records, task, tokenizer, training, stats: DataStats) -> lis
         if all(label == IGNORE_INDEX for label in example["labels"]):
             stats.dropped_too_long += 1  # the prompt alone fills max_seq_len: nothing left to learn
             continue
-        examples.append({"input_ids": example["input_ids"], "labels": example["labels"], "id": record["example_id"]})
+        kept = {"input_ids": example["input_ids"], "labels": example["labels"], "id": record["example_id"]}
+        if keep_text:  # the validation split also feeds generation metrics
+            kept.update(record=record, references=references(record, task))
+        examples.append(kept)
     return examples
 
 
@@ -150,8 +164,8 @@ def prepare_task_data(cfg: DictConfig, tokenizer) -> TaskData:
     if training.max_eval_examples:
         n_eval = min(n_eval, training.max_eval_examples)
     eval_records, train_records = records.select(range(n_eval)), records.select(range(n_eval, len(records)))
-    train = _tokenize_split(train_records, task, tokenizer, training, stats)
-    evaluation = _tokenize_split(eval_records, task, tokenizer, training, stats)
+    train = _tokenize_split(train_records, task, tokenizer, training, stats, keep_text=False)
+    evaluation = _tokenize_split(eval_records, task, tokenizer, training, stats, keep_text=True)
     if not train or not evaluation:
         raise DataError(
             f"training.max_seq_len={training.max_seq_len}: no {'train' if not train else 'eval'} example left "

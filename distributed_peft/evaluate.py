@@ -7,7 +7,6 @@ dpeft-eval task=detox model=tiny-llama        # the adapter of that run's output
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,22 +54,41 @@ def evaluate_loss(model, loader, accelerator) -> dict[str, float]:
     return {"loss": loss_sum / tokens, "token_accuracy": correct / tokens, "tokens": tokens}
 
 
-def evaluate_base_and_adapter(model, loader, accelerator) -> dict[str, dict[str, float]]:
-    """The same split scored by the base alone (adapter disabled) and by base + adapter."""
-    adapter = evaluate_loss(model, loader, accelerator)
+def evaluate_generations(model, tokenizer, examples: list[dict[str, Any]], cfg: DictConfig, accelerator) -> dict:
+    """Greedy completions of the first validation examples, scored with the task's metrics."""
+    from distributed_peft.generation import generate_completions, prompt_ids
+    from distributed_peft.metrics import score_all
+
+    examples = examples[: cfg.evaluation.max_generate_examples]
+    prompts = [prompt_ids(e["record"], cfg.task, tokenizer) for e in examples]
+    predictions = generate_completions(model, tokenizer, prompts, cfg, accelerator)
+    references = [e["references"] for e in examples]
+    scores = score_all(cfg.task.metrics, predictions, references, [e["record"] for e in examples])
+    return {"scores": {**scores, "generated_examples": len(examples)}, "predictions": predictions}
+
+
+def evaluate_base_and_adapter(model, loader, accelerator, cfg: DictConfig, tokenizer, examples) -> dict[str, Any]:
+    """The same split scored by the base alone (adapter disabled) and by base + adapter: loss, token accuracy and,
+    when `evaluation.generate`, the task's metrics on greedy generations with a few side-by-side samples."""
+    from distributed_peft.generation import prompt_ids
+
+    results: dict[str, Any] = {"adapter": evaluate_loss(model, loader, accelerator)}
     with accelerator.unwrap_model(model).disable_adapter():
-        base = evaluate_loss(model, loader, accelerator)
-    return {"base": base, "adapter": adapter}
-
-
-def write_eval_reports(run_dir: Path, results: dict[str, Any], title: str) -> None:
-    """eval.json and eval.md (a base-vs-adapter table) in the run directory."""
-    from distributed_peft.adapters import metrics_table
-
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
-    improvement = results["base"]["loss"] - results["adapter"]["loss"]
-    md = [f"# {title}", "", metrics_table(results), "", f"Eval loss lowered by {improvement:.4f} by the adapter.", ""]
-    (run_dir / "eval.md").write_text("\n".join(md))
+        results["base"] = evaluate_loss(model, loader, accelerator)
+    if not cfg.evaluation.generate:
+        return results
+    adapter = evaluate_generations(model, tokenizer, examples, cfg, accelerator)
+    with accelerator.unwrap_model(model).disable_adapter():
+        base = evaluate_generations(model, tokenizer, examples, cfg, accelerator)
+    results["adapter"].update(adapter["scores"])
+    results["base"].update(base["scores"])
+    shown = examples[: cfg.evaluation.show_examples]
+    results["samples"] = [
+        {"prompt": tokenizer.decode(prompt_ids(e["record"], cfg.task, tokenizer), skip_special_tokens=True),
+         "reference": e["references"][0], "base": base["predictions"][i], "adapter": adapter["predictions"][i]}
+        for i, e in enumerate(shown)
+    ]  # fmt: skip
+    return results
 
 
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
@@ -79,6 +97,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     from distributed_peft.data import collate_padded, prepare_task_data
     from distributed_peft.distributed import build_accelerator
     from distributed_peft.model import load_base_model, load_tokenizer, resolve_base
+    from distributed_peft.reports import write_eval_reports
     from distributed_peft.tracking import quiet_library_progress
 
     quiet_library_progress()
@@ -88,6 +107,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         raise AdapterError(f"adapter={str(adapter_dir)!r} does not exist; train first or pass adapter=PATH")
     metadata = read_adapter_metadata(adapter_dir)
     run_cfg = OmegaConf.create(metadata["config"])  # the adapter's own task, model, peft and split
+    run_cfg.evaluation = cfg.evaluation  # how to evaluate is this command's choice
     accelerator = build_accelerator(run_cfg)
     path, identity = resolve_base(run_cfg.model)
     check_base_matches(metadata, identity, allow_mismatch=bool(cfg.get("allow_base_mismatch", False)))
@@ -100,7 +120,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         collate_fn=lambda batch: collate_padded(batch, tokenizer.pad_token_id),
     )
     model, loader = accelerator.prepare(model, loader)
-    results = evaluate_base_and_adapter(model, loader, accelerator)
+    results = evaluate_base_and_adapter(model, loader, accelerator, run_cfg, tokenizer, data.eval)
     if accelerator.is_main_process:
         run_dir = adapter_dir.parent
         write_eval_reports(run_dir, results, f"{run_cfg.task.name} adapter on {run_cfg.model.name}")

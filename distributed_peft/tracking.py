@@ -87,33 +87,3 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_loss_curves(run_dir: Path, title: str) -> Path:
-    """loss.png: train loss per step and eval loss (adapter) at each evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(run_dir)
-    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
-    base = [r["eval/base_loss"] for r in rows if "eval/base_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1)
-    if evals:
-        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss", linewidth=2)
-    if base:
-        ax.axhline(base[-1], color="gray", linestyle="--", label="eval loss, base without adapter")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (completion tokens)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(run_dir) / "loss.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path

@@ -208,12 +208,14 @@ class FinetuneRecipe:
     # ------------------------------------------------------------------------------------------------ save
     def save(self) -> dict[str, Any]:
         """Final base-vs-adapter evaluation, then the adapter, reports, loss curve and model card."""
-        from distributed_peft.adapters import save_adapter, write_model_card
-        from distributed_peft.evaluate import evaluate_base_and_adapter, write_eval_reports
-        from distributed_peft.tracking import plot_loss_curves
+        from distributed_peft.adapters import save_adapter
+        from distributed_peft.evaluate import evaluate_base_and_adapter
+        from distributed_peft.reports import plot_loss_curves, write_eval_reports, write_model_card
 
         cfg, accelerator = self.cfg, self.accelerator
-        results = evaluate_base_and_adapter(self.model, self.eval_loader, accelerator)
+        results = evaluate_base_and_adapter(
+            self.model, self.eval_loader, accelerator, cfg, self.tokenizer, self.data.eval
+        )
         self.log.log(
             {
                 "eval/loss": results["adapter"]["loss"],

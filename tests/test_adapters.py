@@ -1,0 +1,133 @@
+"""One base, many adapters: generation switches adapters exactly, wrong bases are refused, merges are exact,
+a user's own data trains with no code, and the shipped adapters reproduce."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PROJECT_ROOT, compose_config
+
+from distributed_peft.adapters import load_base_with_adapters, merge_adapter
+from distributed_peft.errors import AdapterError
+from distributed_peft.generation import generate_with_adapters
+from distributed_peft.reproduce import PREBUILT_DIR
+from distributed_peft.train import run_training
+
+QUICK = ["training=demo", "training.max_steps=40", "training.eval_steps=0", "training.max_eval_examples=32",
+         "evaluation.max_generate_examples=8", "logging.progress_bar=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, bases) -> dict[str, Path]:
+    """A sql and a detox QLoRA adapter on tiny-llama, and a LoRA one."""
+    root = tmp_path_factory.mktemp("adapters")
+    runs = {"sql": ["task=sql"], "detox": ["task=detox"], "detox-lora": ["task=detox", "peft=lora"]}
+    for name, overrides in runs.items():
+        run_training(compose_config([*overrides, *QUICK, f"output_dir={root / name}"]))
+    return {name: root / name / "adapter" for name in runs}
+
+
+def generate(adapters: list[Path], prompt: str, **inputs: str) -> dict[str, dict[str, str]]:
+    overrides = [f"adapters=[{','.join(map(str, adapters))}]", f"prompt='{prompt}'"]
+    overrides += [f"inputs.{k}='{v}'" for k, v in inputs.items()]
+    from distributed_peft.cli import check_overrides
+    from distributed_peft.config import validate_generate
+
+    return generate_with_adapters(check_overrides(overrides, "generate", validate_generate))
+
+
+def test_switching_adapters_gives_what_each_adapter_alone_gives(trained):
+    schema = "CREATE TABLE employees (id INTEGER, name TEXT, salary REAL)"
+    both = generate([trained["sql"], trained["detox"]], "How many employees are there?", context=schema)
+    alone_sql = generate([trained["sql"]], "How many employees are there?", context=schema)
+    alone_detox = generate([trained["detox"]], "How many employees are there?", context=schema)
+    assert both["sql"] == alone_sql["sql"] and both["detox"] == alone_detox["detox"]
+    assert both["sql"]["prompt"].startswith(f"<Schema>: {schema}\n<Question>: How many employees are there?")
+    assert both["detox"]["prompt"] == "<Toxic>: How many employees are there?\n<Neutral>: "
+    assert both["sql"]["adapter"] != both["detox"]["adapter"], "each adapter answers in its own task's way"
+    assert both["sql"]["adapter"].upper().startswith("SELECT")
+
+
+def test_an_adapter_trained_on_another_base_is_refused(trained, tmp_path):
+    foreign = tmp_path / "foreign"
+    shutil.copytree(trained["sql"], foreign)
+    metadata = json.loads((foreign / "dpeft_adapter.json").read_text())
+    metadata["base"]["fingerprint"] = "0" * 64
+    (foreign / "dpeft_adapter.json").write_text(json.dumps(metadata))
+    with pytest.raises(AdapterError, match="does not match base tiny-llama: base fingerprint 0000000000000000 != "):
+        load_base_with_adapters([foreign])
+    model, *_ = load_base_with_adapters([foreign], allow_mismatch=True)
+    assert model.active_adapter == "sql"
+    proc = subprocess.run([str(Path(sys.executable).parent / "dpeft-generate"), f"adapters=[{foreign}]", "prompt=hi"],
+                          capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "pass allow_base_mismatch=true to load it anyway" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("which", ["detox", "detox-lora"])
+def test_merged_model_computes_what_base_plus_adapter_computes(which, trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    merged_dir = merge_adapter(trained[which], tmp_path / "merged")
+    assert not list(merged_dir.glob("adapter_*")), "a standard transformers model, no adapter files"
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    peft_model, tokenizer, *_ = load_base_with_adapters([trained[which]])
+    ids = tokenizer(["<Toxic>: you are a clueless idiot\n<Neutral>: ", "<Toxic>: shut up\n<Neutral>: he"],
+                    return_tensors="pt", padding=True)  # fmt: skip
+    from distributed_peft.evaluate import evaluation_mode
+
+    with evaluation_mode(peft_model):
+        expected = peft_model(**ids).logits
+    with torch.no_grad():
+        actual = merged(**ids).logits
+    assert torch.allclose(actual, expected, atol=1e-4), (actual - expected).abs().max()
+
+
+@pytest.mark.slow
+def test_users_own_jsonl_trains_and_evaluates_with_no_code(tmp_path, bases):
+    rows = [{"prompt": f"Reverse the word {w}: ", "completion": w[::-1]} for w in
+            ("apple banana cherry dragon eagle falcon garden harbor island jungle kettle lemon mango nectar "
+             "orange pepper quartz river salmon tiger umbrella violet walnut yellow zebra").split() * 8]  # fmt: skip
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "dpeft-train"), "task=custom", f"task.data.path={data}",
+           "task.name=reverse", *QUICK, f"output_dir={out}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "eval.json").read_text())
+    assert results["adapter"]["loss"] < results["base"]["loss"]
+    assert set(results["adapter"]) >= {"loss", "token_accuracy", "chrf"}
+    assert "| chrf |" in (out / "eval.md").read_text()
+
+
+def test_prebuilt_adapters_are_complete_and_small():
+    tasks = sorted(p.name for p in PREBUILT_DIR.iterdir() if p.is_dir())
+    assert tasks == ["detox", "instruct", "sql"]
+    for task in tasks:
+        directory = PREBUILT_DIR / task
+        for name in ("adapter_model.safetensors", "adapter_config.json", "config.yaml", "metrics.json", "README.md"):
+            assert (directory / name).is_file(), f"{task}: {name} missing"
+        assert sum(f.stat().st_size for f in directory.iterdir()) < 5 * 2**20
+        metadata = json.loads((directory / "dpeft_adapter.json").read_text())
+        assert metadata["base"]["name"] == "tiny-llama" and len(metadata["base"]["fingerprint"]) == 64
+        assert metadata["base"]["fingerprint"] in (directory / "README.md").read_text()
+        metrics = json.loads((directory / "metrics.json").read_text())
+        assert metrics["adapter"]["loss"] < metrics["base"]["loss"]
+
+
+@pytest.mark.slow
+def test_reproduce_detox_passes(tmp_path, bases):
+    proc = subprocess.run([str(Path(sys.executable).parent / "dpeft-reproduce"), "task=detox",
+                           f"output_dir={tmp_path}"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| metric | prebuilt | reproduced | tolerance | result |" in proc.stdout
+    assert "FAIL" not in proc.stdout and "reproduce: all metrics within tolerance" in proc.stdout
+    assert (tmp_path / "reproduce.md").is_file()
