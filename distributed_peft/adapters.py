@@ -72,11 +72,10 @@ def adapter_names(metadatas: list[dict[str, Any]]) -> list[str]:
     return names
 
 
-def load_base_with_adapters(adapter_dirs: list[str | Path], allow_mismatch: bool = False, device: str = "cpu"):
-    """Load the adapters' shared base once and attach every adapter to it (peft multi-adapter).
+def load_matching_base(adapter_dirs: list[str | Path], allow_mismatch: bool = False, device: str = "cpu"):
+    """The base the adapters were trained on, loaded once as the first was trained (4-bit for QLoRA).
 
-    Returns (model, tokenizer, names, metadatas); the base is loaded as the first adapter was trained (4-bit for
-    QLoRA) and every adapter must have been trained on that same base.
+    Returns (base, tokenizer, metadatas); every adapter must record this base's fingerprint and architecture.
     """
     from omegaconf import OmegaConf
 
@@ -89,9 +88,17 @@ def load_base_with_adapters(adapter_dirs: list[str | Path], allow_mismatch: bool
     path, identity = resolve_base(run_cfg.model)
     for metadata in metadatas:
         check_base_matches(metadata, identity, allow_mismatch)
-    tokenizer = load_tokenizer(path)
+    return load_base_model(run_cfg, path, device=device), load_tokenizer(path), metadatas
+
+
+def load_base_with_adapters(adapter_dirs: list[str | Path], allow_mismatch: bool = False, device: str = "cpu"):
+    """Load the adapters' shared base once and attach every adapter to it (peft multi-adapter).
+
+    Returns (model, tokenizer, names, metadatas), the first adapter active.
+    """
+    base, tokenizer, metadatas = load_matching_base(adapter_dirs, allow_mismatch, device)
     names = adapter_names(metadatas)
-    model = load_adapter(load_base_model(run_cfg, path, device=device), adapter_dirs[0], adapter_name=names[0])
+    model = load_adapter(base, adapter_dirs[0], adapter_name=names[0])
     for directory, name in zip(adapter_dirs[1:], names[1:], strict=True):
         model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
     return model, tokenizer, names, metadatas
@@ -103,10 +110,10 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, allow_mismatch: b
     A QLoRA adapter learned against the 4-bit weights, so its base is dequantized (not reloaded from the original
     weights): the merged model then computes what base + adapter computed.
     """
-    model, tokenizer, _, metadatas = load_base_with_adapters([adapter_dir], allow_mismatch)
+    base, tokenizer, metadatas = load_matching_base([adapter_dir], allow_mismatch)
     if metadatas[0]["peft"]["method"] == "qlora":
-        model.base_model.model.dequantize()
-    merged = model.merge_and_unload()
+        base = base.dequantize()
+    merged = load_adapter(base, adapter_dir).merge_and_unload()
     output = Path(output)
     merged.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)

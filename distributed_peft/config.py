@@ -194,7 +194,7 @@ class GenerateConfig:
 
     adapters: list[str] = field(default_factory=list)  # empty: every adapter in adapters_prebuilt/
     prompt: str = "???"  # fills each task's main input field (detox: toxic, sql: question, instruct: instruction)
-    inputs: dict[str, str] = field(default_factory=dict)  # other fields, e.g. inputs.context='CREATE TABLE ...'
+    inputs: dict[str, str] = field(default_factory=dict)  # other fields: +inputs.context='CREATE TABLE ...'
     max_new_tokens: int = 64
     allow_base_mismatch: bool = False
 

@@ -151,3 +151,17 @@ def test_cli_exits_2_with_one_line_per_problem_and_no_traceback(args, expected, 
     assert all(line.startswith("dpeft-train: error: ") for line in lines)
     assert "Traceback" not in proc.stderr
     assert not out.exists(), "nothing may be written (or loaded) for a bad config"
+
+
+def test_generate_and_merge_apps_compose_and_check_their_inputs(tmp_path):
+    from distributed_peft.cli import check_overrides
+    from distributed_peft.config import validate_generate, validate_merge
+
+    cfg = check_overrides(
+        [f"adapters=[{tmp_path}]", "prompt=hello", "+inputs.context=x"], "generate", validate_generate
+    )
+    assert (list(cfg.adapters), cfg.prompt, dict(cfg.inputs)) == ([str(tmp_path)], "hello", {"context": "x"})
+    with pytest.raises(ConfigError, match="adapters: '/nope' is not a directory"):
+        check_overrides(["adapters=[/nope]", "prompt=hi"], "generate", validate_generate)
+    with pytest.raises(ConfigError, match="adapter='/nope' is not a directory"):
+        check_overrides(["adapter=/nope", f"output={tmp_path}"], "merge", validate_merge)

@@ -38,7 +38,10 @@ def test_toxic_words_are_matched_as_whole_words_and_phrases():
 
 
 def test_corpus_scores():
-    predictions, references = ["he is wrong about this", "thanks"], [["he is wrong about this"], ["thank you", "thanks"]]
+    predictions, references = (
+        ["he is wrong about this", "thanks"],
+        [["he is wrong about this"], ["thank you", "thanks"]],
+    )
     assert score("chrf", predictions, references, [{}, {}]) == pytest.approx(100.0)
     assert score("bleu", ["completely different words here"], [["he is wrong about this"]], [{}]) < 10
     assert score("toxic_share", ["fine", "stupid"], [["a"], ["b"]], [{}, {}]) == 50.0
