@@ -84,10 +84,14 @@ def evaluate_base_and_adapter(model, loader, accelerator, cfg: DictConfig, token
     results["base"].update(base["scores"])
     shown = examples[: cfg.evaluation.show_examples]
     results["samples"] = [
-        {"prompt": tokenizer.decode(prompt_ids(e["record"], cfg.task, tokenizer), skip_special_tokens=True),
-         "reference": e["references"][0], "base": base["predictions"][i], "adapter": adapter["predictions"][i]}
+        {
+            "prompt": tokenizer.decode(prompt_ids(e["record"], cfg.task, tokenizer), skip_special_tokens=True),
+            "reference": e["references"][0],
+            "base": base["predictions"][i],
+            "adapter": adapter["predictions"][i],
+        }
         for i, e in enumerate(shown)
-    ]  # fmt: skip
+    ]
     return results
 
 

@@ -134,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         report_user_error(error, "dpeft-launch")
         return USER_ERROR_EXIT_CODE
     where = f"{gpus} GPU(s)" if gpus else "no GPU: CPU processes with gloo"
-    print(f"dpeft-launch: {cfg.num_machines} node(s) x {cfg.num_gpu_workers} worker(s), strategy "
-          f"{cfg.distributed.strategy}, this node rank {cfg.machine_rank} ({where})")  # fmt: skip
+    print(
+        f"dpeft-launch: {cfg.num_machines} node(s) x {cfg.num_gpu_workers} worker(s), strategy "
+        f"{cfg.distributed.strategy}, this node rank {cfg.machine_rank} ({where})"
+    )
     for path in files:
         print(f"--- {path}\n{path.read_text().rstrip()}")
     print("command: " + shlex.join(command))

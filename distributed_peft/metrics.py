@@ -95,8 +95,10 @@ def score(
         hits = sum(normalize_sql(p) == normalize_sql(refs[0]) for p, refs in zip(predictions, references, strict=True))
         return 100 * hits / n
     if metric == "execution_accuracy":
-        hits = sum(execution_match(p, refs[0], record["context"])
-                   for p, refs, record in zip(predictions, references, records, strict=True))  # fmt: skip
+        hits = sum(
+            execution_match(p, refs[0], record["context"])
+            for p, refs, record in zip(predictions, references, records, strict=True)
+        )
         return 100 * hits / n
     if metric == "toxic_share":
         return 100 * sum(contains_toxic_word(p) for p in predictions) / n

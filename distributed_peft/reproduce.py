@@ -23,12 +23,31 @@ from distributed_peft.errors import USER_ERROR_EXIT_CODE, ConfigError, DpeftErro
 PREBUILT_DIR = PROJECT_ROOT / "adapters_prebuilt"
 # Absolute tolerance per metric: retraining on another CPU reorders float sums, so the base and the adapter differ
 # in the last bits and greedy decoding can flip a few tokens; the loss moves little, generation metrics more.
-TOLERANCES = {"loss": 0.02, "token_accuracy": 0.01, "bleu": 5.0, "chrf": 5.0, "rouge_l": 5.0, "toxic_share": 5.0,
-              "exact_match": 5.0, "execution_accuracy": 5.0}  # fmt: skip
-PREBUILT_FILES = ("adapter_model.safetensors", "adapter_config.json", "dpeft_adapter.json", "tokenizer.json",
-                  "tokenizer_config.json")  # fmt: skip
-RUN_FILES = {"config.yaml": "config.yaml", "eval.json": "metrics.json", "README.md": "README.md",
-             "loss.png": "loss.png", "eval_metrics.png": "eval_metrics.png", "eval.md": "eval.md"}  # fmt: skip
+TOLERANCES = {
+    "loss": 0.02,
+    "token_accuracy": 0.01,
+    "bleu": 5.0,
+    "chrf": 5.0,
+    "rouge_l": 5.0,
+    "toxic_share": 5.0,
+    "exact_match": 5.0,
+    "execution_accuracy": 5.0,
+}
+PREBUILT_FILES = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "dpeft_adapter.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+RUN_FILES = {
+    "config.yaml": "config.yaml",
+    "eval.json": "metrics.json",
+    "README.md": "README.md",
+    "loss.png": "loss.png",
+    "eval_metrics.png": "eval_metrics.png",
+    "eval.md": "eval.md",
+}
 
 
 def export_prebuilt(run_dir: Path, destination: Path) -> Path:
@@ -48,8 +67,15 @@ def compare(prebuilt: dict[str, float], reproduced: dict[str, float]) -> list[di
     for metric, tolerance in TOLERANCES.items():
         if metric in prebuilt:
             delta = abs(reproduced[metric] - prebuilt[metric])
-            rows.append({"metric": metric, "prebuilt": prebuilt[metric], "reproduced": reproduced[metric],
-                         "tolerance": tolerance, "passed": delta <= tolerance})  # fmt: skip
+            rows.append(
+                {
+                    "metric": metric,
+                    "prebuilt": prebuilt[metric],
+                    "reproduced": reproduced[metric],
+                    "tolerance": tolerance,
+                    "passed": delta <= tolerance,
+                }
+            )
     return rows
 
 
@@ -61,8 +87,10 @@ def table(task: str, rows: list[dict[str, Any]]) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        lines.append(f"| {r['metric']} | {r['prebuilt']:.4f} | {r['reproduced']:.4f} | ±{r['tolerance']:g} | "
-                     f"{'pass' if r['passed'] else 'FAIL'} |")  # fmt: skip
+        lines.append(
+            f"| {r['metric']} | {r['prebuilt']:.4f} | {r['reproduced']:.4f} | ±{r['tolerance']:g} | "
+            f"{'pass' if r['passed'] else 'FAIL'} |"
+        )
     return "\n".join(lines)
 
 
@@ -102,8 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     for task in tasks:
         rows, fingerprints = reproduce(task, output_root)
         same_base = fingerprints["recorded"] == fingerprints["rebuilt"]
-        report += [table(task, rows), "", f"base fingerprint {'matches' if same_base else 'DIFFERS (another CPU?)'}: "
-                   f"recorded {fingerprints['recorded'][:16]}, rebuilt {fingerprints['rebuilt'][:16]}", ""]  # fmt: skip
+        report += [
+            table(task, rows),
+            "",
+            f"base fingerprint {'matches' if same_base else 'DIFFERS (another CPU?)'}: "
+            f"recorded {fingerprints['recorded'][:16]}, rebuilt {fingerprints['rebuilt'][:16]}",
+            "",
+        ]
         failed |= not all(r["passed"] for r in rows)
     text = "\n".join(report)
     output_root.mkdir(parents=True, exist_ok=True)

@@ -23,10 +23,23 @@ BIN = Path(sys.executable).parent
 
 def run_once(workers: int, args: argparse.Namespace, extra: list[str], out: Path, port: int) -> float:
     """Global completion tokens/s over the training loop (setup and final evaluation excluded)."""
-    cmd = [str(BIN / "dpeft-launch"), f"distributed={args.strategy}", f"num_gpu_workers={workers}",
-           "task=sql", "model=tiny-llama", "peft=qlora", "training=demo", f"training.max_steps={args.steps}",
-           "training.eval_steps=0", "training.max_eval_examples=16", "peft.dropout=0", "logging.progress_bar=false",
-           f"main_process_port={port}", f"output_dir={out}", *extra]  # fmt: skip
+    cmd = [
+        str(BIN / "dpeft-launch"),
+        f"distributed={args.strategy}",
+        f"num_gpu_workers={workers}",
+        "task=sql",
+        "model=tiny-llama",
+        "peft=qlora",
+        "training=demo",
+        f"training.max_steps={args.steps}",
+        "training.eval_steps=0",
+        "training.max_eval_examples=16",
+        "peft.dropout=0",
+        "logging.progress_bar=false",
+        f"main_process_port={port}",
+        f"output_dir={out}",
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"benchmark run failed ({workers} workers):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -53,15 +66,29 @@ def main() -> None:
                 print(f"  repeat {repeat + 1}/{args.repeats}: {workers} worker(s) {rate:,.0f} tok/s", flush=True)
 
     one = statistics.median(rates[1])
-    rows, table = [], ["| workers | global tok/s (median, range) | per-worker tok/s | scaling efficiency |",
-                       "| --- | --- | --- | --- |"]  # fmt: skip
+    rows, table = (
+        [],
+        [
+            "| workers | global tok/s (median, range) | per-worker tok/s | scaling efficiency |",
+            "| --- | --- | --- | --- |",
+        ],
+    )
     for workers, samples in rates.items():
         median = statistics.median(samples)
         per_worker = median / workers
-        rows.append({"workers": workers, "tokens_per_s": samples, "median": median, "per_worker": per_worker,
-                     "efficiency": per_worker / one})  # fmt: skip
-        table.append(f"| {workers} | {median:,.0f} ({min(samples):,.0f}-{max(samples):,.0f}) | {per_worker:,.0f} | "
-                     f"{per_worker / one:.2f} |")  # fmt: skip
+        rows.append(
+            {
+                "workers": workers,
+                "tokens_per_s": samples,
+                "median": median,
+                "per_worker": per_worker,
+                "efficiency": per_worker / one,
+            }
+        )
+        table.append(
+            f"| {workers} | {median:,.0f} ({min(samples):,.0f}-{max(samples):,.0f}) | {per_worker:,.0f} | "
+            f"{per_worker / one:.2f} |"
+        )
     args.output.mkdir(parents=True, exist_ok=True)
     header = f"Scaling, {args.strategy}, tiny-llama QLoRA on sql, {args.steps} steps x {args.repeats} repeats"
     (args.output / "bench_scaling.json").write_text(json.dumps({"setup": header, "rows": rows}, indent=2))

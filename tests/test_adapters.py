@@ -19,8 +19,14 @@ from distributed_peft.generation import generate_with_adapters
 from distributed_peft.reproduce import PREBUILT_DIR
 from distributed_peft.train import run_training
 
-QUICK = ["training=demo", "training.max_steps=40", "training.eval_steps=0", "training.max_eval_examples=32",
-         "evaluation.max_generate_examples=8", "logging.progress_bar=false"]  # fmt: skip
+QUICK = [
+    "training=demo",
+    "training.max_steps=40",
+    "training.eval_steps=0",
+    "training.max_eval_examples=32",
+    "evaluation.max_generate_examples=8",
+    "logging.progress_bar=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +70,13 @@ def test_an_adapter_trained_on_another_base_is_refused(trained, tmp_path):
         load_base_with_adapters([foreign])
     model, *_ = load_base_with_adapters([foreign], allow_mismatch=True)
     assert model.active_adapter == "sql"
-    proc = subprocess.run([str(Path(sys.executable).parent / "dpeft-generate"), f"adapters=[{foreign}]", "prompt=hi"],
-                          capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dpeft-generate"), f"adapters=[{foreign}]", "prompt=hi"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "pass allow_base_mismatch=true to load it anyway" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -79,8 +90,11 @@ def test_merged_model_computes_what_base_plus_adapter_computes(which, trained, t
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     assert not any("lora" in name for name, _ in merged.named_parameters())
     peft_model, tokenizer, *_ = load_base_with_adapters([trained[which]])
-    ids = tokenizer(["<Toxic>: you are a clueless idiot\n<Neutral>: ", "<Toxic>: shut up\n<Neutral>: he"],
-                    return_tensors="pt", padding=True)  # fmt: skip
+    ids = tokenizer(
+        ["<Toxic>: you are a clueless idiot\n<Neutral>: ", "<Toxic>: shut up\n<Neutral>: he"],
+        return_tensors="pt",
+        padding=True,
+    )
     from distributed_peft.evaluate import evaluation_mode
 
     with evaluation_mode(peft_model):
@@ -92,14 +106,25 @@ def test_merged_model_computes_what_base_plus_adapter_computes(which, trained, t
 
 @pytest.mark.slow
 def test_users_own_jsonl_trains_and_evaluates_with_no_code(tmp_path, bases):
-    rows = [{"prompt": f"Reverse the word {w}: ", "completion": w[::-1]} for w in
-            ("apple banana cherry dragon eagle falcon garden harbor island jungle kettle lemon mango nectar "
-             "orange pepper quartz river salmon tiger umbrella violet walnut yellow zebra").split() * 8]  # fmt: skip
+    rows = [
+        {"prompt": f"Reverse the word {w}: ", "completion": w[::-1]}
+        for w in (
+            "apple banana cherry dragon eagle falcon garden harbor island jungle kettle lemon mango nectar "
+            "orange pepper quartz river salmon tiger umbrella violet walnut yellow zebra"
+        ).split()
+        * 8
+    ]
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "dpeft-train"), "task=custom", f"task.data.path={data}",
-           "task.name=reverse", *QUICK, f"output_dir={out}"]  # fmt: skip
+    cmd = [
+        str(Path(sys.executable).parent / "dpeft-train"),
+        "task=custom",
+        f"task.data.path={data}",
+        "task.name=reverse",
+        *QUICK,
+        f"output_dir={out}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "eval.json").read_text())
@@ -125,8 +150,13 @@ def test_prebuilt_adapters_are_complete_and_small():
 
 @pytest.mark.slow
 def test_reproduce_detox_passes(tmp_path, bases):
-    proc = subprocess.run([str(Path(sys.executable).parent / "dpeft-reproduce"), "task=detox",
-                           f"output_dir={tmp_path}"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dpeft-reproduce"), "task=detox", f"output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| metric | prebuilt | reproduced | tolerance | result |" in proc.stdout
     assert "FAIL" not in proc.stdout and "reproduce: all metrics within tolerance" in proc.stdout

@@ -22,16 +22,31 @@ from distributed_peft.train import run_training
 
 BIN = Path(sys.executable).parent
 # dropout 0 so every rank computes what one process would; 8 steps of global batch 16.
-RUN = ["task=sql", "model=tiny-llama", "training=demo", "training.max_steps=8", "training.eval_steps=4",
-       "training.max_eval_examples=64", "peft.dropout=0", "logging.progress_bar=false"]  # fmt: skip
+RUN = [
+    "task=sql",
+    "model=tiny-llama",
+    "training=demo",
+    "training.max_steps=8",
+    "training.eval_steps=4",
+    "training.max_eval_examples=64",
+    "peft.dropout=0",
+    "logging.progress_bar=false",
+]
 TOLERANCE = 1e-3  # relative, on the final eval loss (float sums differ in order across ranks)
 
 
 def launch(out: Path, *extra: str, port: int, env: dict | None = None, wait: bool = True):
     cmd = [str(BIN / "dpeft-launch"), *RUN, f"output_dir={out}", f"main_process_port={port}", *extra]
     if not wait:
-        return subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env or dict(os.environ), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            cmd,
+            cwd=PROJECT_ROOT,
+            env=env or dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
@@ -76,8 +91,11 @@ def test_two_workers_match_one_process(strategy, port, peft, single_process_refe
             assert tensor.abs().sum() > 0, f"{name} saved empty under {strategy}"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 9)), "one metrics line per step, rank 0"
-    assert all(r["train/tokens_per_s_per_worker"] * 2 == pytest.approx(r["train/tokens_per_s"]) for r in rows
-               if "train/loss" in r)  # fmt: skip
+    assert all(
+        r["train/tokens_per_s_per_worker"] * 2 == pytest.approx(r["train/tokens_per_s"])
+        for r in rows
+        if "train/loss" in r
+    )
 
 
 @pytest.mark.slow
@@ -95,7 +113,7 @@ def test_two_nodes_on_one_machine_train_the_same_adapter_as_one_node(tmp_path):
             "main_process_ip=127.0.0.1",
             port=29651,
             wait=False,
-        )  # fmt: skip
+        )
         for rank in (0, 1)
     ]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
@@ -117,8 +135,11 @@ def test_a_dead_rank_ends_the_job_within_60_seconds(tmp_path):
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
         assert job.poll() is None and time.monotonic() < deadline, "the job did not start training"
         time.sleep(0.5)
-    workers = [p for p in psutil.Process(job.pid).children(recursive=True)
-               if "distributed_peft.train" in " ".join(p.cmdline()) and "accelerate" not in p.cmdline()[1]]  # fmt: skip
+    workers = [
+        p
+        for p in psutil.Process(job.pid).children(recursive=True)
+        if "distributed_peft.train" in " ".join(p.cmdline()) and "accelerate" not in p.cmdline()[1]
+    ]
     assert len(workers) == 2, [p.cmdline() for p in workers]
     killed_at = time.monotonic()
     workers[1].send_signal(signal.SIGKILL)
@@ -178,8 +199,11 @@ def test_zero3_offload_launch_config_is_valid_for_deepspeed(tmp_path, monkeypatc
 def test_launching_zero3_without_deepspeed_is_refused_in_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "distributed_peft.train", *RUN, "distributed=zero3", f"output_dir={tmp_path}"],
-        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "dpeft-train: error: distributed='zero3' but this process was launched as 'single'; launch it with "

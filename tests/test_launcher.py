@@ -25,8 +25,9 @@ def dry_run(monkeypatch, capsys, gpus: int, *overrides: str) -> tuple[int, str]:
 
 def test_dry_run_one_node_four_gpus(monkeypatch, capsys, tmp_path):
     out = tmp_path / "run"
-    code, printed = dry_run(monkeypatch, capsys, 4, "task=sql", "distributed=zero3", "num_gpu_workers=4",
-                            f"output_dir={out}")  # fmt: skip
+    code, printed = dry_run(
+        monkeypatch, capsys, 4, "task=sql", "distributed=zero3", "num_gpu_workers=4", f"output_dir={out}"
+    )
     config = out / "launch" / "accelerate-node0.yaml"
     assert code == 0
     assert (
@@ -38,14 +39,22 @@ def test_dry_run_one_node_four_gpus(monkeypatch, capsys, tmp_path):
     )
     accelerate = yaml.safe_load(config.read_text())
     assert (accelerate["num_processes"], accelerate["num_machines"], accelerate["distributed_type"]) == (
-        4, 1, "DEEPSPEED")  # fmt: skip
+        4,
+        1,
+        "DEEPSPEED",
+    )
     assert accelerate["deepspeed_config"]["deepspeed_config_file"] == str((out / "launch" / "deepspeed.json").resolve())
     assert not list(out.glob("adapter")), "a dry run trains nothing"
 
 
 def test_dry_run_two_nodes_eight_gpus_from_the_environment(monkeypatch, capsys, tmp_path):
-    for key, value in {"NUM_GPU_WORKERS": "8", "NUM_MACHINES": "2", "MACHINE_RANK": "1",
-                       "MAIN_PROCESS_IP": "10.1.2.3", "MAIN_PROCESS_PORT": "29555"}.items():  # fmt: skip
+    for key, value in {
+        "NUM_GPU_WORKERS": "8",
+        "NUM_MACHINES": "2",
+        "MACHINE_RANK": "1",
+        "MAIN_PROCESS_IP": "10.1.2.3",
+        "MAIN_PROCESS_PORT": "29555",
+    }.items():
         monkeypatch.setenv(key, value)
     out = tmp_path / "run"
     code, printed = dry_run(monkeypatch, capsys, 8, "task=instruct", "distributed=ddp", f"output_dir={out}")
@@ -79,11 +88,24 @@ def test_slurm_job_starts_one_launcher_per_node_with_rank_and_main_address(tmp_p
     (stubs / "scontrol").write_text("#!/bin/bash\nprintf 'gpu-node-7\\ngpu-node-8\\n'\n")
     for stub in stubs.iterdir():
         stub.chmod(0o755)
-    env = dict(os.environ, PATH=f"{stubs}:{BIN}:{os.environ['PATH']}", SLURM_NNODES="2", SLURM_GPUS_ON_NODE="8",
-               SLURM_JOB_NODELIST="gpu-node-[7-8]", SLURM_JOB_ID="4242", SLURM_JOB_NAME="dpeft",
-               RUN_DIR=str(tmp_path / "run"))  # fmt: skip
-    proc = subprocess.run(["bash", "launch/slurm/multinode.sbatch", "--dry-run", "task=sql", "distributed=ddp"],
-                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    env = dict(
+        os.environ,
+        PATH=f"{stubs}:{BIN}:{os.environ['PATH']}",
+        SLURM_NNODES="2",
+        SLURM_GPUS_ON_NODE="8",
+        SLURM_JOB_NODELIST="gpu-node-[7-8]",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="dpeft",
+        RUN_DIR=str(tmp_path / "run"),
+    )
+    proc = subprocess.run(
+        ["bash", "launch/slurm/multinode.sbatch", "--dry-run", "task=sql", "distributed=ddp"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 node(s) x 8 worker(s), strategy ddp, this node rank 0" in proc.stdout
     assert "2 node(s) x 8 worker(s), strategy ddp, this node rank 1" in proc.stdout

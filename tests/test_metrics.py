@@ -45,7 +45,10 @@ def test_corpus_scores():
     assert score("chrf", predictions, references, [{}, {}]) == pytest.approx(100.0)
     assert score("bleu", ["completely different words here"], [["he is wrong about this"]], [{}]) < 10
     assert score("toxic_share", ["fine", "stupid"], [["a"], ["b"]], [{}, {}]) == 50.0
-    sql = score_all(["exact_match", "execution_accuracy"], ["SELECT name FROM employees", "SELECT 1"],
-                    [["select name from employees;"], ["SELECT name FROM employees"]],
-                    [{"context": SCHEMA}, {"context": SCHEMA}])  # fmt: skip
+    sql = score_all(
+        ["exact_match", "execution_accuracy"],
+        ["SELECT name FROM employees", "SELECT 1"],
+        [["select name from employees;"], ["SELECT name FROM employees"]],
+        [{"context": SCHEMA}, {"context": SCHEMA}],
+    )
     assert sql == {"exact_match": 50.0, "execution_accuracy": 50.0}
