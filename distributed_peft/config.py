@@ -36,6 +36,8 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DISTRIBUTED_STRATEGIES = ("auto", "ddp", "zero2", "zero3", "zero3_offload", "fsdp")
 SHARDED_PARAMETER_STRATEGIES = ("zero3", "zero3_offload", "fsdp")  # the 4-bit storage dtype must match shards
 WANDB_MODES = ("offline", "online", "disabled")
+PACKING_MODES = ("none", "group_by_length", "padding_free")
+PADDING_FREE_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
 TASK_METRICS = ("exact_match", "execution_accuracy", "bleu", "chrf", "rouge_l", "toxic_share")
 
 
@@ -145,6 +147,9 @@ class TrainingConfig:
     optimizer: str = "adamw_torch"
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
+    packing: str = "none"  # none | group_by_length | padding_free (Llama family with sdpa/flash attention)
+    tokens_per_batch: Optional[int] = None  # a token budget per micro batch instead of micro_batch_size examples
+    liger_kernel: bool = False  # fused Liger kernels on CUDA when the package is installed; ignored elsewhere
 
 
 @dataclass
@@ -416,6 +421,25 @@ def validate(cfg: DictConfig) -> None:
         )
     _check(problems, training.eval_steps >= 0, "training.eval_steps", training.eval_steps, ">= 0 (0: only at the end)")
     _allowed(problems, "training.optimizer", training.optimizer, OPTIMIZERS)
+    _allowed(problems, "training.packing", training.packing, PACKING_MODES)
+    if training.packing == "padding_free" and model.family == "bloom":
+        problems.append(
+            f"training.packing='padding_free' is not possible on model {model.name!r}: BLOOM's ALiBi attention "
+            "cannot keep packed examples apart; allowed: group_by_length, none"
+        )
+    elif training.packing == "padding_free" and model.attn_implementation not in PADDING_FREE_ATTENTION:
+        problems.append(
+            f"training.packing='padding_free' needs model.attn_implementation in {', '.join(PADDING_FREE_ATTENTION)}"
+            f" (got {model.attn_implementation!r}); allowed: group_by_length, none"
+        )
+    if training.tokens_per_batch is not None:
+        _check(
+            problems,
+            training.tokens_per_batch >= training.max_seq_len,
+            "training.tokens_per_batch",
+            training.tokens_per_batch,
+            f">= training.max_seq_len ({training.max_seq_len}) or null",
+        )
     _allowed(problems, "training.mixed_precision", training.mixed_precision, MIXED_PRECISION)
 
     _allowed(problems, "logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)

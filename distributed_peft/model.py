@@ -92,9 +92,14 @@ def load_base_model(cfg: DictConfig, path: str, device: torch.device | str = "cp
     """
     from transformers import AutoModelForCausalLM
 
+    attention = cfg.model.attn_implementation
+    if cfg.training.packing == "padding_free" and attention == "sdpa":
+        from distributed_peft.packed_attention import register_packed_attention
+
+        attention = register_packed_attention()  # sdpa per packed example instead of over the whole row
     kwargs = {
         "dtype": compute_dtype(cfg),
-        "attn_implementation": cfg.model.attn_implementation,
+        "attn_implementation": attention,
         "trust_remote_code": cfg.model.trust_remote_code,
     }
     if cfg.peft.method == "qlora":
@@ -132,3 +137,19 @@ def attach_lora(model, cfg: DictConfig, gradient_checkpointing: bool = False):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def apply_liger_kernel(model) -> bool:
+    """Swap in Liger's fused kernels (RMSNorm, RoPE, SwiGLU, fused cross-entropy) on CUDA when installed."""
+    import warnings
+
+    if not torch.cuda.is_available():
+        warnings.warn("training.liger_kernel=true ignored: Liger kernels need CUDA", stacklevel=2)
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        warnings.warn("training.liger_kernel=true ignored: pip install liger-kernel to use it", stacklevel=2)
+        return False
+    _apply_liger_kernel_to_instance(model=model)
+    return True

@@ -37,10 +37,17 @@ class FinetuneRecipe:
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
+        from distributed_peft import batching
         from distributed_peft.config import SHARDED_PARAMETER_STRATEGIES
         from distributed_peft.data import collate_padded, prepare_task_data
         from distributed_peft.distributed import build_accelerator, check_launch_matches
-        from distributed_peft.model import attach_lora, load_base_model, load_tokenizer, resolve_base
+        from distributed_peft.model import (
+            apply_liger_kernel,
+            attach_lora,
+            load_base_model,
+            load_tokenizer,
+            resolve_base,
+        )
         from distributed_peft.tracking import RunLog, quiet_library_progress
 
         quiet_library_progress()
@@ -67,19 +74,17 @@ class FinetuneRecipe:
             device=accelerator.device,
             sharded_parameters=self.strategy in SHARDED_PARAMETER_STRATEGIES,
         )
+        if training.liger_kernel:
+            apply_liger_kernel(base)
         model = attach_lora(base, cfg, gradient_checkpointing=training.gradient_checkpointing)
         trainable, total = model.get_nb_trainable_parameters()
         self.print(f"model: {cfg.model.name} ({cfg.peft.method}), {trainable:,} trainable of {total:,} parameters")
 
-        def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-            return collate_padded(batch, self.tokenizer.pad_token_id)
-
-        generator = torch.Generator().manual_seed(training.seed)
-        train_loader = torch.utils.data.DataLoader(
-            self.data.train, batch_size=training.micro_batch_size, shuffle=True, collate_fn=collate, generator=generator
-        )
+        train_loader = batching.train_loader(self.data.train, cfg, self.tokenizer.pad_token_id)
         eval_loader = torch.utils.data.DataLoader(
-            self.data.eval, batch_size=training.eval_batch_size, collate_fn=collate
+            self.data.eval,
+            batch_size=training.eval_batch_size,
+            collate_fn=lambda batch: collate_padded(batch, self.tokenizer.pad_token_id),
         )
         optimizer = self._optimizer(model)
         self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
@@ -138,6 +143,7 @@ class FinetuneRecipe:
 
     def train_step(self, window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step over a window of micro batches, loss weighted by tokens across the window and ranks."""
+        from distributed_peft.batching import model_inputs, real_tokens
         from distributed_peft.distributed import global_sum
         from distributed_peft.objective import completion_token_stats, count_label_tokens
 
@@ -150,7 +156,7 @@ class FinetuneRecipe:
         loss_sum = 0.0
         for batch in window:
             with accelerator.accumulate(model):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = model(**model_inputs(batch)).logits
                 batch_loss_sum = completion_token_stats(logits, batch["labels"])["loss_sum"].sum()
                 accelerator.backward(batch_loss_sum * scale)
                 loss_sum += batch_loss_sum.item()
@@ -161,12 +167,15 @@ class FinetuneRecipe:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        processed = global_sum(accelerator, sum(b["input_ids"].numel() for b in window))
+        real = global_sum(accelerator, sum(real_tokens(b) for b in window))
         return {
             "train/loss": global_sum(accelerator, loss_sum) / max(window_tokens, 1.0),
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/tokens": window_tokens,
-            "train/padded_tokens": global_sum(accelerator, sum(b["input_ids"].numel() for b in window)),
+            "train/input_tokens": real,
+            "train/padding_waste": 1.0 - real / processed,
         }
 
     def evaluate(self) -> dict[str, float]:
@@ -188,19 +197,25 @@ class FinetuneRecipe:
             disable=not show,
             mininterval=0.5 if sys.stderr.isatty() else 10.0,
         )
-        start, tokens_seen, self.train_tokens = time.perf_counter(), 0.0, 0.0
+        start, tokens_seen, inputs_seen, self.train_tokens = time.perf_counter(), 0.0, 0.0, 0.0
         windows = self._windows()
         for step in range(1, self.total_steps + 1):
             metrics = self.train_step(next(windows))
             tokens_seen += metrics["train/tokens"]
+            inputs_seen += metrics["train/input_tokens"]
             elapsed = time.perf_counter() - start
-            metrics["train/tokens_per_s"] = tokens_seen / elapsed
+            metrics["train/tokens_per_s"] = tokens_seen / elapsed  # completion (loss-bearing) tokens
+            metrics["train/input_tokens_per_s"] = inputs_seen / elapsed  # every non-pad token processed
             metrics["train/tokens_per_s_per_worker"] = metrics["train/tokens_per_s"] / self.accelerator.num_processes
             if training.eval_steps and step % training.eval_steps == 0 and step < self.total_steps:
                 metrics.update(self.evaluate())
             if step % log_every == 0 or "eval/loss" in metrics or step == self.total_steps:
                 self.log.log(metrics, step)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_s']:,.0f}")
+            bar.set_postfix(
+                loss=f"{metrics['train/loss']:.3f}",
+                tok_s=f"{metrics['train/tokens_per_s']:,.0f}",
+                pad=f"{metrics['train/padding_waste']:.0%}",
+            )
             bar.update(1)
         bar.close()
         self.train_tokens, self.train_seconds = tokens_seen, time.perf_counter() - start

@@ -1,0 +1,103 @@
+"""Padding-free packing computes exactly what one-by-one examples compute; batch samplers group and budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import compose_config
+
+from distributed_peft.batching import LengthAwareBatchSampler, collate_packed, model_inputs, train_loader
+from distributed_peft.data import collate_padded, prepare_task_data
+from distributed_peft.errors import ConfigError
+from distributed_peft.model import attach_lora, load_base_model, load_tokenizer
+from distributed_peft.objective import completion_token_stats
+
+
+@pytest.fixture(scope="module")
+def llama(bases):
+    """A float32 LoRA model on tiny-llama with the packed attention, B nudged off zero so LoRA matters."""
+    cfg = compose_config(["model=tiny-llama", "peft=lora", "peft.dropout=0", "training.packing=padding_free"])
+    tokenizer = load_tokenizer(str(bases["tiny-llama"]))
+    model = attach_lora(load_base_model(cfg, str(bases["tiny-llama"])), cfg)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.02)
+    data = prepare_task_data(compose_config(["task=instruct", "task.data.max_examples=40"]), tokenizer)
+    return model, data.train[:6]
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = completion_token_stats(model(**model_inputs(batch)).logits, batch["labels"])["loss_sum"].sum()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def test_packed_batch_equals_the_sum_of_examples_run_one_by_one(llama):
+    model, examples = llama
+    model.train()
+    assert len({len(e["input_ids"]) for e in examples}) > 1, "examples of different lengths"
+    packed_loss, packed_grads = loss_and_grads(model, collate_packed(examples))
+    single = [loss_and_grads(model, collate_padded([e], pad_token_id=0)) for e in examples]
+    total_loss = sum(loss for loss, _ in single)
+    assert packed_loss.item() == pytest.approx(total_loss.item(), abs=1e-5 * max(1.0, abs(total_loss.item())))
+    for name, grad in packed_grads.items():
+        expected = sum(grads[name] for _, grads in single)
+        assert torch.allclose(grad, expected, atol=1e-5, rtol=1e-5), f"{name}: {(grad - expected).abs().max()}"
+
+
+def test_packing_without_boundaries_would_leak_across_examples(llama):
+    """Guard of the guard: the same row with one continuous position range (no restarts) gives another loss."""
+    model, examples = llama
+    packed = collate_packed(examples)
+    leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1])[None]}
+    leaky = {k: v for k, v in leaky.items() if not k.startswith(("cu_seq", "max_length"))}
+    with torch.no_grad():
+        exact = completion_token_stats(model(**model_inputs(packed)).logits, packed["labels"])["loss_sum"].sum()
+        leaked = completion_token_stats(model(**model_inputs(leaky)).logits, leaky["labels"])["loss_sum"].sum()
+    assert abs(exact - leaked) > 1e-3
+
+
+def test_padding_free_is_refused_on_bloom():
+    with pytest.raises(ConfigError, match="training.packing='padding_free' is not possible on model 'tiny-bloom': "
+                                          "BLOOM's ALiBi"):  # fmt: skip
+        compose_config(["model=tiny-bloom", "training.packing=padding_free"])
+    assert compose_config(["model=tiny-bloom", "training.packing=group_by_length"]).training.packing
+
+
+def test_group_by_length_batches_similar_lengths_and_changes_each_epoch():
+    lengths = [int(x) for x in torch.randint(5, 200, (800,), generator=torch.Generator().manual_seed(1))]
+    grouped = LengthAwareBatchSampler(lengths, seed=3, batch_size=8, group_by_length=True)
+    plain = LengthAwareBatchSampler(lengths, seed=3, batch_size=8)
+
+    def waste(sampler):
+        batches = list(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(800)), "every example once per epoch"
+        padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+        return 1 - sum(lengths) / padded
+
+    assert waste(grouped) < 0.05 < 0.3 < waste(plain)
+    first, second = list(grouped), list(grouped)
+    assert first != second, "a new order every epoch"
+    assert list(LengthAwareBatchSampler(lengths, seed=3, batch_size=8, group_by_length=True)) == list(
+        LengthAwareBatchSampler(lengths, seed=3, batch_size=8, group_by_length=True)), "seeded"  # fmt: skip
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_token_budget_is_respected(packed):
+    lengths = [int(x) for x in torch.randint(5, 100, (300,), generator=torch.Generator().manual_seed(2))]
+    sampler = LengthAwareBatchSampler(lengths, seed=0, tokens_per_batch=400, packed=packed)
+    for batch in sampler:
+        cost = sum(lengths[i] for i in batch) if packed else max(lengths[i] for i in batch) * len(batch)
+        assert cost <= 400 or len(batch) == 1
+
+
+def test_train_loader_modes(bases):
+    tokenizer = load_tokenizer(str(bases["tiny-llama"]))
+    cfg = compose_config(["task=detox", "training.packing=padding_free", "training.tokens_per_batch=512"])
+    data = prepare_task_data(cfg, tokenizer)
+    batches = list(train_loader(data.train, cfg, tokenizer.pad_token_id))
+    assert all(b["input_ids"].shape[0] == 1 and b["input_ids"].shape[1] <= 512 for b in batches)
+    assert sum(b["input_ids"].shape[1] for b in batches) == sum(len(e["input_ids"]) for e in data.train)
