@@ -11,7 +11,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_MODE ?= offline
 DEMO_DIR ?= runs/demo-detox
 
-.PHONY: install demo test lint format bench-scaling prebuilt reproduce clean
+.PHONY: install demo test lint format bench bench-scaling prebuilt reproduce clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,6 +43,10 @@ format: $(STAMP)
 # pytest exits 5 when it collected no test: make fails on any non-zero exit, so an empty suite fails CI.
 test: $(STAMP) lint
 	$(VENV)/bin/python -m pytest
+
+# Our packing vs TRL SFTTrainer (padded and padding-free): tokens/s, padding waste, memory, eval loss
+bench: $(STAMP)
+	$(VENV)/bin/dpeft-bench
 
 # 1 vs 2 workers, tokens/s per worker and scaling efficiency (CPU processes here, GPUs where present)
 bench-scaling: $(STAMP)

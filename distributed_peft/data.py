@@ -140,8 +140,11 @@ def _tokenize_split(records, task, tokenizer, training, stats: DataStats, keep_t
     return examples
 
 
-def prepare_task_data(cfg: DictConfig, tokenizer) -> TaskData:
-    """Load, filter, split by seed and tokenize the task's data; raise DataError when nothing is left."""
+def prepare_task_data(cfg: DictConfig, tokenizer, keep_train_text: bool = False) -> TaskData:
+    """Load, filter, split by seed and tokenize the task's data; raise DataError when nothing is left.
+
+    Validation examples keep their text fields (for generation metrics); training examples only on request.
+    """
     task, training = cfg.task, cfg.training
     source = resolve_data_source(task.data)
     where = {"hub": task.data.hub_id, "sample": f"sample {task.data.sample_file}", "local": task.data.path}[source]
@@ -164,7 +167,7 @@ def prepare_task_data(cfg: DictConfig, tokenizer) -> TaskData:
     if training.max_eval_examples:
         n_eval = min(n_eval, training.max_eval_examples)
     eval_records, train_records = records.select(range(n_eval)), records.select(range(n_eval, len(records)))
-    train = _tokenize_split(train_records, task, tokenizer, training, stats, keep_text=False)
+    train = _tokenize_split(train_records, task, tokenizer, training, stats, keep_text=keep_train_text)
     evaluation = _tokenize_split(eval_records, task, tokenizer, training, stats, keep_text=True)
     if not train or not evaluation:
         raise DataError(

@@ -8,10 +8,22 @@ import torch.nn.functional as F
 from distributed_peft.data import IGNORE_INDEX
 
 
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token carries a label, over all rows: the only logits the loss needs.
+
+    Passed as `logits_to_keep`, the vocabulary projection and the cross-entropy skip every prompt position.
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
 def completion_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example sums over labelled tokens: cross-entropy, token count and argmax hits (next-token shift)."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
+    return token_stats(logits[:, :-1], labels[:, 1:])
+
+
+def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-row sums of cross-entropy, labelled-token count and argmax hits, logits already aligned to targets."""
+    logits = logits.float()
     mask = targets != IGNORE_INDEX
     safe_targets = targets.masked_fill(~mask, 0)
     token_loss = F.cross_entropy(logits.transpose(1, 2), safe_targets, reduction="none") * mask

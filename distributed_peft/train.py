@@ -145,7 +145,7 @@ class FinetuneRecipe:
         """One optimizer step over a window of micro batches, loss weighted by tokens across the window and ranks."""
         from distributed_peft.batching import model_inputs, real_tokens
         from distributed_peft.distributed import global_sum
-        from distributed_peft.objective import completion_token_stats, count_label_tokens
+        from distributed_peft.objective import count_label_tokens, loss_positions, token_stats
 
         accelerator, model = self.accelerator, self.model
         local_tokens = sum(count_label_tokens(b["labels"]) for b in window)
@@ -156,8 +156,9 @@ class FinetuneRecipe:
         loss_sum = 0.0
         for batch in window:
             with accelerator.accumulate(model):
-                logits = model(**model_inputs(batch)).logits
-                batch_loss_sum = completion_token_stats(logits, batch["labels"])["loss_sum"].sum()
+                keep = loss_positions(batch["labels"])  # no vocabulary projection for prompt positions
+                logits = model(**model_inputs(batch), logits_to_keep=keep).logits
+                batch_loss_sum = token_stats(logits, batch["labels"][:, keep + 1])["loss_sum"].sum()
                 accelerator.backward(batch_loss_sum * scale)
                 loss_sum += batch_loss_sum.item()
                 if accelerator.sync_gradients:

@@ -101,3 +101,21 @@ def test_train_loader_modes(bases):
     batches = list(train_loader(data.train, cfg, tokenizer.pad_token_id))
     assert all(b["input_ids"].shape[0] == 1 and b["input_ids"].shape[1] <= 512 for b in batches)
     assert sum(b["input_ids"].shape[1] for b in batches) == sum(len(e["input_ids"]) for e in data.train)
+
+
+def test_projecting_only_loss_positions_gives_the_same_loss_and_gradients(llama):
+    from distributed_peft.objective import loss_positions, token_stats
+
+    model, examples = llama
+    batch = collate_padded(examples, pad_token_id=0)
+    full_loss, full_grads = loss_and_grads(model, batch)
+    model.zero_grad(set_to_none=True)
+    keep = loss_positions(batch["labels"])
+    assert len(keep) < batch["labels"].shape[1] - 1, "prompt positions are skipped"
+    logits = model(**model_inputs(batch), logits_to_keep=keep).logits
+    loss = token_stats(logits, batch["labels"][:, keep + 1])["loss_sum"].sum()
+    loss.backward()
+    assert loss.item() == pytest.approx(full_loss.item(), rel=1e-6)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(param.grad, full_grads[name], rtol=1e-5, atol=1e-5), name

@@ -1,0 +1,192 @@
+"""dpeft-bench (make bench): our packing against the common recipe, TRL's SFTTrainer, on the same QLoRA job.
+
+    dpeft-bench                                   # detox and instruct, 3 interleaved repeats, tiny-llama QLoRA
+    dpeft-bench --tasks detox --repeats 2 --examples 200
+
+Variants, on the same data, model, LoRA, optimizer, schedule and examples (one epoch, so the same completion tokens):
+  trl_padded (the baseline: SFTTrainer with padded batches, as the seed notebooks use it), ours_padded,
+  ours_group_by_length, ours_padding_free, trl_padding_free (TRL's own packing, the strongest peer recipe).
+Each run is its own subprocess (peak RSS is per run); variants are interleaved and repeated, and the table gives
+the median and range of non-pad tokens/s, the ratio to the baseline, padding waste, peak memory and the final eval
+loss (our completion-only evaluation on the same validation split for every variant). Writes bench.json, bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from distributed_peft.config import PROJECT_ROOT
+
+VARIANTS = ("trl_padded", "ours_padded", "ours_group_by_length", "ours_padding_free", "trl_padding_free")
+BASELINE = "trl_padded"
+SHARED = PROJECT_ROOT.parent / "shared" / "datasets"
+REAL_DATA = {
+    "detox": [f"task.data.path={SHARED / 'paradetox' / 'paradetox.tsv'}", "task.data.columns.toxic=toxic",
+              "task.data.columns.neutral=neutral1"],
+    "instruct": [f"task.data.path={SHARED / 'gpteacher-codegen' / 'codegen-instruct.jsonl'}"],
+}  # fmt: skip
+
+
+def bench_overrides(task: str, examples: int, packing: str) -> list[str]:
+    data = REAL_DATA[task] if task in REAL_DATA and SHARED.is_dir() else []
+    return [f"task={task}", "model=tiny-llama", "peft=qlora", *data, f"task.data.max_examples={examples}",
+            "training.lr=1e-3", "training.lr_scheduler=cosine", "training.warmup_ratio=0.03", "training.epochs=1",
+            "training.micro_batch_size=8", "training.max_seq_len=256", "training.eval_steps=0",
+            "training.max_eval_examples=64", f"training.packing={packing}", "evaluation.generate=false",
+            "logging.progress_bar=false"]  # fmt: skip
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(cfg, out: Path) -> dict[str, Any]:
+    from distributed_peft.evaluate import evaluate_loss
+    from distributed_peft.tracking import read_metrics
+    from distributed_peft.train import FinetuneRecipe
+
+    recipe = FinetuneRecipe(cfg)
+    recipe.setup()
+    recipe.train()
+    rows = [r for r in read_metrics(out) if "train/input_tokens" in r]
+    result = {"seconds": recipe.train_seconds, "nonpad_tokens": sum(r["train/input_tokens"] for r in rows),
+              "padding_waste": statistics.fmean(r["train/padding_waste"] for r in rows),
+              "eval_loss": evaluate_loss(recipe.model, recipe.eval_loader, recipe.accelerator)["loss"]}  # fmt: skip
+    recipe.cleanup()
+    return result
+
+
+def run_trl(cfg, out: Path, padding_free: bool) -> dict[str, Any]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from distributed_peft.config import lora_targets
+    from distributed_peft.data import collate_padded, format_example, prepare_task_data
+    from distributed_peft.evaluate import evaluate_loss
+    from distributed_peft.model import load_base_model, load_tokenizer, resolve_base
+
+    path, _ = resolve_base(cfg.model)
+    tokenizer = load_tokenizer(path)
+    data = prepare_task_data(cfg, tokenizer, keep_train_text=True)
+    pairs = [format_example(e["record"], cfg.task) for e in data.train]
+    dataset = Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
+    training = cfg.training
+    warmup_steps = int(training.warmup_ratio * -(-len(pairs) // training.micro_batch_size))  # as our recipe counts
+    args = SFTConfig(
+        output_dir=str(out), per_device_train_batch_size=training.micro_batch_size, gradient_accumulation_steps=1,
+        learning_rate=training.lr, lr_scheduler_type=training.lr_scheduler, warmup_steps=warmup_steps,
+        num_train_epochs=1, max_grad_norm=training.max_grad_norm, optim="adamw_torch", weight_decay=0.0,
+        # TRL's padding-free collator does not truncate: it needs max_length=None (our data fits max_seq_len anyway)
+        max_length=None if padding_free else training.max_seq_len, completion_only_loss=True,
+        padding_free=padding_free, seed=training.seed,
+        gradient_checkpointing=False, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
+        bf16=False, fp16=False, disable_tqdm=True,
+    )  # fmt: skip
+    lora = LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
+                      target_modules=lora_targets(cfg), task_type="CAUSAL_LM")  # fmt: skip
+    model = load_base_model(cfg, path)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    nonpad = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    processed = sum(batch["input_ids"].numel() for batch in trainer.get_train_dataloader())
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    loader = __import__("torch").utils.data.DataLoader(
+        data.eval, batch_size=training.eval_batch_size, collate_fn=lambda b: collate_padded(b, tokenizer.pad_token_id)
+    )
+    eval_loss = evaluate_loss(trainer.model, loader, trainer.accelerator)["loss"]
+    return {"seconds": seconds, "nonpad_tokens": nonpad, "padding_waste": 1 - nonpad / processed, "eval_loss": eval_loss}
+
+
+def child(variant: str, task: str, examples: int, result_file: Path) -> None:
+    from distributed_peft.cli import check_overrides
+    from distributed_peft.tracking import quiet_library_progress
+
+    quiet_library_progress()
+    packing = {"ours_group_by_length": "group_by_length", "ours_padding_free": "padding_free"}.get(variant, "none")
+    with tempfile.TemporaryDirectory() as out:
+        cfg = check_overrides([*bench_overrides(task, examples, packing), f"output_dir={out}"])
+        if variant.startswith("trl"):
+            result = run_trl(cfg, Path(out), padding_free=variant == "trl_padding_free")
+        else:
+            result = run_ours(cfg, Path(out))
+    result.update(variant=variant, task=task, peak_rss_mb=peak_rss_mb(),
+                  tokens_per_s=result["nonpad_tokens"] / result["seconds"])  # fmt: skip
+    result_file.write_text(json.dumps(result))
+
+
+def summarize(runs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any]], str]:
+    rows = []
+    for variant in VARIANTS:
+        mine = [r for r in runs if r["variant"] == variant and r["task"] == task]
+        if mine:
+            rates = [r["tokens_per_s"] for r in mine]
+            rows.append({"variant": variant, "tokens_per_s": statistics.median(rates), "min": min(rates),
+                         "max": max(rates), "padding_waste": statistics.median(r["padding_waste"] for r in mine),
+                         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in mine),
+                         "eval_loss": statistics.median(r["eval_loss"] for r in mine), "runs": len(mine)})  # fmt: skip
+    base = next(r for r in rows if r["variant"] == BASELINE)
+    lines = [f"## {task}", "", "| variant | non-pad tok/s median (range) | vs baseline | padding waste | peak RSS MB | "
+             "eval loss (vs baseline) |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        r["ratio"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["eval_loss_delta"] = r["eval_loss"] / base["eval_loss"] - 1
+        lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f}) | "
+                     f"{r['ratio']:.2f}x | {r['padding_waste']:.1%} | {r['peak_rss_mb']:,.0f} | "
+                     f"{r['eval_loss']:.4f} ({r['eval_loss_delta']:+.1%}) |")  # fmt: skip
+    return rows, "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["detox", "instruct"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--examples", type=int, default=400, help="examples per task (train + validation)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--output", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--child", nargs=4, metavar=("VARIANT", "TASK", "EXAMPLES", "RESULT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        variant, task, examples, result = args.child
+        child(variant, task, int(examples), Path(result))
+        return
+    variants = [BASELINE, *[v for v in args.variants if v != BASELINE]]
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for repeat in range(args.repeats):
+            for task in args.tasks:
+                for variant in variants:  # interleaved, so drift on a shared machine hits every variant
+                    result = Path(scratch) / f"{task}-{variant}-{repeat}.json"
+                    cmd = [sys.executable, "-m", "distributed_peft.benchmark", "--child", variant, task,
+                           str(args.examples), str(result)]  # fmt: skip
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        sys.exit(f"{variant} on {task} failed:\n{proc.stderr[-3000:]}")
+                    runs.append(json.loads(result.read_text()))
+                    print(f"  [{repeat + 1}/{args.repeats}] {task:8s} {variant:22s} "
+                          f"{runs[-1]['tokens_per_s']:8,.0f} non-pad tok/s", flush=True)  # fmt: skip
+    report = {"setup": vars(args) | {"output": str(args.output), "child": None}, "runs": runs, "tables": {}}
+    markdown = ["# dpeft-bench: tiny-llama QLoRA, one epoch, non-pad tokens/s", ""]
+    for task in args.tasks:
+        rows, table = summarize(runs, task)
+        report["tables"][task] = rows
+        markdown += [table, ""]
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "bench.json").write_text(json.dumps(report, indent=2))
+    (args.output / "bench.md").write_text("\n".join(markdown))
+    print("\n".join(markdown))
+    print(f"written: {args.output / 'bench.md'}")
+
+
+if __name__ == "__main__":
+    main()
