@@ -66,6 +66,7 @@ def run_ours(cfg, out: Path) -> dict[str, Any]:
 
 
 def run_trl(cfg, out: Path, padding_free: bool) -> dict[str, Any]:
+    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -101,11 +102,16 @@ def run_trl(cfg, out: Path, padding_free: bool) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    loader = __import__("torch").utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         data.eval, batch_size=training.eval_batch_size, collate_fn=lambda b: collate_padded(b, tokenizer.pad_token_id)
     )
     eval_loss = evaluate_loss(trainer.model, loader, trainer.accelerator)["loss"]
-    return {"seconds": seconds, "nonpad_tokens": nonpad, "padding_waste": 1 - nonpad / processed, "eval_loss": eval_loss}
+    return {
+        "seconds": seconds,
+        "nonpad_tokens": nonpad,
+        "padding_waste": 1 - nonpad / processed,
+        "eval_loss": eval_loss,
+    }
 
 
 def child(variant: str, task: str, examples: int, result_file: Path) -> None:

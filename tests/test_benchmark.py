@@ -12,8 +12,23 @@ from conftest import PROJECT_ROOT
 
 @pytest.mark.slow
 def test_bench_runs_every_kind_of_variant_and_writes_its_files(tmp_path, bases):
-    cmd = [sys.executable, "-m", "distributed_peft.benchmark", "--tasks", "detox", "--repeats", "1", "--examples",
-           "48", "--variants", "trl_padded", "ours_padding_free", "ours_group_by_length", "--output", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "distributed_peft.benchmark",
+        "--tasks",
+        "detox",
+        "--repeats",
+        "1",
+        "--examples",
+        "48",
+        "--variants",
+        "trl_padded",
+        "ours_padding_free",
+        "ours_group_by_length",
+        "--output",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
