@@ -77,14 +77,13 @@ def load_matching_base(adapter_dirs: list[str | Path], allow_mismatch: bool = Fa
 
     Returns (base, tokenizer, metadatas); every adapter must record this base's fingerprint and architecture.
     """
-    from omegaconf import OmegaConf
-
+    from distributed_peft.config import load_recorded_config
     from distributed_peft.model import load_base_model, load_tokenizer, resolve_base
 
     if not adapter_dirs:
         raise AdapterError("adapters=[] is empty; allowed: one or more adapter directories")
     metadatas = [read_adapter_metadata(directory) for directory in adapter_dirs]
-    run_cfg = OmegaConf.create(metadatas[0]["config"])
+    run_cfg = load_recorded_config(metadatas[0]["config"])
     path, identity = resolve_base(run_cfg.model)
     for metadata in metadatas:
         check_base_matches(metadata, identity, allow_mismatch)

@@ -458,6 +458,13 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(problems)
 
 
+def load_recorded_config(recorded: dict[str, Any] | DictConfig) -> DictConfig:
+    """A config saved by an earlier run (config.yaml, dpeft_adapter.json), completed with today's schema defaults
+    so that options added since then read as their defaults."""
+    register_configs()
+    return OmegaConf.merge(OmegaConf.structured(Config), recorded)
+
+
 def lora_targets(cfg: DictConfig) -> list[str]:
     """The modules LoRA attaches to: the peft override, else the model family's targets."""
     targets = cfg.peft.target_modules if cfg.peft.target_modules is not None else cfg.model.lora_target_modules

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from distributed_peft.cli import hydra_app
 from distributed_peft.errors import AdapterError
@@ -98,6 +98,7 @@ def evaluate_base_and_adapter(model, loader, accelerator, cfg: DictConfig, token
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     """Load the base and the run's adapter, score both on the recorded validation split, write the reports."""
     from distributed_peft.adapters import check_base_matches, load_adapter, read_adapter_metadata
+    from distributed_peft.config import load_recorded_config
     from distributed_peft.data import collate_padded, prepare_task_data
     from distributed_peft.distributed import build_accelerator
     from distributed_peft.model import load_base_model, load_tokenizer, resolve_base
@@ -110,7 +111,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     if not adapter_dir.is_dir():
         raise AdapterError(f"adapter={str(adapter_dir)!r} does not exist; train first or pass adapter=PATH")
     metadata = read_adapter_metadata(adapter_dir)
-    run_cfg = OmegaConf.create(metadata["config"])  # the adapter's own task, model, peft and split
+    run_cfg = load_recorded_config(metadata["config"])  # the adapter's own task, model, peft and split
     run_cfg.evaluation = cfg.evaluation  # how to evaluate is this command's choice
     accelerator = build_accelerator(run_cfg)
     path, identity = resolve_base(run_cfg.model)

@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from distributed_peft.cli import hydra_app
-from distributed_peft.config import PROJECT_ROOT, validate_generate
+from distributed_peft.config import PROJECT_ROOT, load_recorded_config, validate_generate
 from distributed_peft.data import format_example
 
 
@@ -97,7 +97,7 @@ def generate_with_adapters(cfg: DictConfig) -> dict[str, dict[str, str]]:
     model, tokenizer, names, metadatas = load_base_with_adapters(list(cfg.adapters), cfg.allow_base_mismatch)
     answers = {}
     for name, metadata in zip(names, metadatas, strict=True):
-        task = DictConfig(metadata["config"]["task"])
+        task = load_recorded_config(metadata["config"]).task
         ids = prompt_ids(task_record(task, cfg.prompt, dict(cfg.inputs)), task, tokenizer)
         model.set_adapter(name)
         adapter = generate_batch(model, tokenizer, [ids], cfg.max_new_tokens)[0]

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from distributed_peft.config import PROJECT_ROOT
+from distributed_peft.config import PROJECT_ROOT, load_recorded_config
 from distributed_peft.errors import USER_ERROR_EXIT_CODE, ConfigError, DpeftError
 
 PREBUILT_DIR = PROJECT_ROOT / "adapters_prebuilt"
@@ -99,7 +99,7 @@ def reproduce(task: str, output_root: Path) -> tuple[list[dict[str, Any]], dict[
     from distributed_peft.train import run_training
 
     source = PREBUILT_DIR / task
-    cfg = OmegaConf.load(source / "config.yaml")
+    cfg = load_recorded_config(OmegaConf.load(source / "config.yaml"))
     cfg.output_dir = str(output_root / task)
     reproduced = run_training(cfg)
     prebuilt = json.loads((source / "metrics.json").read_text())

@@ -99,10 +99,12 @@ class FinetuneRecipe:
         self.effective_batch = (
             training.micro_batch_size * training.gradient_accumulation_steps * accelerator.num_processes
         )
+        micro = (f"micro batch of up to {training.tokens_per_batch} tokens" if training.tokens_per_batch
+                 else f"micro batch {training.micro_batch_size}")  # fmt: skip
         self.print(
-            f"effective batch {self.effective_batch} = micro batch {training.micro_batch_size} x gradient "
-            f"accumulation {training.gradient_accumulation_steps} x world size {accelerator.num_processes}; "
-            f"{self.total_steps} optimizer steps; strategy {self.strategy}"
+            f"effective batch {self.effective_batch} = {micro} x gradient accumulation "
+            f"{training.gradient_accumulation_steps} x world size {accelerator.num_processes}; "
+            f"{self.total_steps} optimizer steps; strategy {self.strategy}; packing {training.packing}"
         )
         self.log = RunLog(cfg, self.run_dir, accelerator.is_main_process)
 

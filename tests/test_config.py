@@ -165,3 +165,15 @@ def test_generate_and_merge_apps_compose_and_check_their_inputs(tmp_path):
         check_overrides(["adapters=[/nope]", "prompt=hi"], "generate", validate_generate)
     with pytest.raises(ConfigError, match="adapter='/nope' is not a directory"):
         check_overrides(["adapter=/nope", f"output={tmp_path}"], "merge", validate_merge)
+
+
+def test_a_config_recorded_before_newer_options_reads_them_as_defaults():
+    from omegaconf import OmegaConf
+
+    from distributed_peft.config import load_recorded_config
+
+    recorded = OmegaConf.to_container(compose_config([]), resolve=True)
+    del recorded["training"]["packing"], recorded["evaluation"]
+    cfg = load_recorded_config(recorded)
+    assert cfg.training.packing == "none" and cfg.evaluation.generate is True
+    assert cfg.task.name == "detox" and cfg.training.lr == recorded["training"]["lr"]
