@@ -84,11 +84,9 @@ def score(
 
     n = max(len(predictions), 1)
     if metric == "bleu":
-        streams = [[refs[k] if k < len(refs) else refs[0] for refs in references] for k in range(_width(references))]
-        return sacrebleu.corpus_bleu(list(predictions), streams).score
+        return sacrebleu.corpus_bleu(list(predictions), _reference_streams(references)).score
     if metric == "chrf":
-        streams = [[refs[k] if k < len(refs) else refs[0] for refs in references] for k in range(_width(references))]
-        return sacrebleu.corpus_chrf(list(predictions), streams).score
+        return sacrebleu.corpus_chrf(list(predictions), _reference_streams(references)).score
     if metric == "rouge_l":
         return 100 * sum(max(rouge_l(p, r) for r in refs) for p, refs in zip(predictions, references, strict=True)) / n
     if metric == "exact_match":
@@ -105,8 +103,10 @@ def score(
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def _width(references: Sequence[Sequence[str]]) -> int:
-    return max((len(refs) for refs in references), default=1)
+def _reference_streams(references: Sequence[Sequence[str]]) -> list[list[str]]:
+    """sacrebleu's layout: one stream per reference slot; an example with fewer references repeats its first."""
+    width = max((len(refs) for refs in references), default=1)
+    return [[refs[k] if k < len(refs) else refs[0] for refs in references] for k in range(width)]
 
 
 def score_all(
