@@ -19,14 +19,18 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 def save_adapter(accelerator, model, tokenizer, directory: Path, metadata: dict[str, Any]) -> Path:
     """Save the LoRA weights, gathered from every rank first (ZeRO-3 shards would otherwise save empty)."""
+    from distributed_peft.atomic_files import atomic_directory
+    from distributed_peft.redaction import redact
+
     state_dict = accelerator.get_state_dict(model)  # collective: every rank must call it
     if accelerator.is_main_process:
-        directory.mkdir(parents=True, exist_ok=True)
-        accelerator.unwrap_model(model).save_pretrained(
-            directory, state_dict=state_dict, safe_serialization=True, is_main_process=True
-        )
-        tokenizer.save_pretrained(directory)
-        (directory / ADAPTER_METADATA).write_text(json.dumps(metadata, indent=2, default=str))
+        # written whole under a temporary name, then renamed: a crash never leaves a partial adapter behind
+        with atomic_directory(directory) as staging:
+            accelerator.unwrap_model(model).save_pretrained(
+                staging, state_dict=state_dict, safe_serialization=True, is_main_process=True
+            )
+            tokenizer.save_pretrained(staging)
+            (staging / ADAPTER_METADATA).write_text(redact(json.dumps(metadata, indent=2, default=str)))
     accelerator.wait_for_everyone()
     return directory
 
@@ -72,19 +76,26 @@ def adapter_names(metadatas: list[dict[str, Any]]) -> list[str]:
     return names
 
 
+def recorded_base(metadata: dict[str, Any]):
+    """The run config an adapter records, where its base loads from and that base's identity (nothing loaded)."""
+    from distributed_peft.config import load_recorded_config
+    from distributed_peft.model import resolve_base
+
+    run_cfg = load_recorded_config(metadata["config"])
+    return (run_cfg, *resolve_base(run_cfg.model))
+
+
 def load_matching_base(adapter_dirs: list[str | Path], allow_mismatch: bool = False, device: str = "cpu"):
     """The base the adapters were trained on, loaded once as the first was trained (4-bit for QLoRA).
 
     Returns (base, tokenizer, metadatas); every adapter must record this base's fingerprint and architecture.
     """
-    from distributed_peft.config import load_recorded_config
-    from distributed_peft.model import load_base_model, load_tokenizer, resolve_base
+    from distributed_peft.model import load_base_model, load_tokenizer
 
     if not adapter_dirs:
         raise AdapterError("adapters=[] is empty; allowed: one or more adapter directories")
     metadatas = [read_adapter_metadata(directory) for directory in adapter_dirs]
-    run_cfg = load_recorded_config(metadatas[0]["config"])
-    path, identity = resolve_base(run_cfg.model)
+    run_cfg, path, identity = recorded_base(metadatas[0])
     for metadata in metadatas:
         check_base_matches(metadata, identity, allow_mismatch)
     return load_base_model(run_cfg, path, device=device), load_tokenizer(path), metadatas

@@ -87,7 +87,7 @@ def hydra_app(
                 return fn(cfg)
             except DpeftError as error:
                 report_user_error(error, prog)
-                sys.exit(USER_ERROR_EXIT_CODE)
+                sys.exit(error.exit_code)
 
         @functools.wraps(fn)
         def entry() -> Any:

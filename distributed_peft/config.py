@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ SHARDED_PARAMETER_STRATEGIES = ("zero3", "zero3_offload", "fsdp")  # the 4-bit s
 WANDB_MODES = ("offline", "online", "disabled")
 PACKING_MODES = ("none", "group_by_length", "padding_free")
 PADDING_FREE_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
+RESUME_OFF = ("false", "no", "none", "off", "never")
 TASK_METRICS = ("exact_match", "execution_accuracy", "bleu", "chrf", "rouge_l", "toxic_share")
 
 
@@ -150,6 +152,10 @@ class TrainingConfig:
     packing: str = "none"  # none | group_by_length | padding_free (Llama family with sdpa/flash attention)
     tokens_per_batch: Optional[int] = None  # a token budget per micro batch instead of micro_batch_size examples
     liger_kernel: bool = False  # fused Liger kernels on CUDA when the package is installed; ignored elsewhere
+    checkpoint_every: int = 100  # optimizer steps between checkpoints (0: none); SIGTERM always saves one
+    keep_checkpoints: int = 2  # the newest K complete checkpoints are kept
+    resume: str = "auto"  # auto: continue from output_dir's newest complete checkpoint; false; or a checkpoint path
+    max_nonfinite_steps: int = 10  # steps with a NaN/inf loss skipped before the run stops (exit code 3)
 
 
 @dataclass
@@ -213,12 +219,49 @@ class MergeConfig:
     allow_base_mismatch: bool = False
 
 
+@dataclass
+class ExploreConfig:
+    """dpeft-explore: a web page that puts every adapter beside the base they share, loaded once."""
+
+    adapters: list[str] = field(default_factory=list)  # empty: every adapter in adapters_prebuilt/
+    model: Optional[ModelConfig] = None  # `model=NAME`: the base to load; null: the base the adapters record
+    host: str = "127.0.0.1"  # 0.0.0.0 to serve other machines
+    port: int = 7860
+    device: str = "auto"  # auto: cuda when available, else cpu
+    max_new_tokens: int = 64  # the page's default; requests may ask for up to max_new_tokens_limit
+    max_new_tokens_limit: int = 256
+    examples_per_task: int = 5  # validation examples offered per task
+    allow_base_mismatch: bool = False
+
+
 def validate_generate(cfg: DictConfig) -> None:
     problems: list[str] = []
     for adapter in cfg.adapters:
         if not Path(adapter).is_dir():
             problems.append(f"adapters: {adapter!r} is not a directory; allowed: adapter directories")
     _check(problems, cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "an integer >= 1")
+    if problems:
+        raise ConfigError(problems)
+
+
+def validate_explore(cfg: DictConfig) -> None:
+    problems: list[str] = []
+    for adapter in cfg.adapters:
+        if not Path(adapter).is_dir():
+            problems.append(f"adapters: {adapter!r} is not a directory; allowed: adapter directories")
+    _check(problems, 0 < cfg.port < 65536, "port", cfg.port, "a TCP port in [1, 65535]")
+    host_ok = bool(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[?[0-9A-Fa-f:.]+\]?", cfg.host))
+    _check(problems, host_ok, "host", cfg.host, "a host name or IP address such as 127.0.0.1 or 0.0.0.0")
+    _allowed(problems, "device", cfg.device, ("auto", "cpu", "cuda"))
+    _check(problems, cfg.max_new_tokens_limit >= 1, "max_new_tokens_limit", cfg.max_new_tokens_limit, "an integer >= 1")
+    _check(
+        problems,
+        1 <= cfg.max_new_tokens <= cfg.max_new_tokens_limit,
+        "max_new_tokens",
+        cfg.max_new_tokens,
+        f"in [1, {cfg.max_new_tokens_limit}] (max_new_tokens_limit)",
+    )
+    _check(problems, cfg.examples_per_task >= 1, "examples_per_task", cfg.examples_per_task, "an integer >= 1")
     if problems:
         raise ConfigError(problems)
 
@@ -242,6 +285,7 @@ def register_configs() -> None:
     store.store(name="base_config", node=Config)
     store.store(name="generate_config", node=GenerateConfig)
     store.store(name="merge_config", node=MergeConfig)
+    store.store(name="explore_config", node=ExploreConfig)
     if not OmegaConf.has_resolver("dpeft_run_dir"):
         OmegaConf.register_new_resolver("dpeft_run_dir", run_dir)
 
@@ -441,6 +485,13 @@ def validate(cfg: DictConfig) -> None:
             f">= training.max_seq_len ({training.max_seq_len}) or null",
         )
     _allowed(problems, "training.mixed_precision", training.mixed_precision, MIXED_PRECISION)
+    for key, minimum in (("checkpoint_every", 0), ("keep_checkpoints", 1), ("max_nonfinite_steps", 0)):
+        _check(problems, training[key] >= minimum, f"training.{key}", training[key], f"an integer >= {minimum}")
+    resume = str(training.resume)
+    if resume != "auto" and resume.lower() not in RESUME_OFF and not Path(resume).is_dir():
+        problems.append(
+            f"training.resume={resume!r} does not exist; allowed: auto, false, or a checkpoint (or run) directory"
+        )
 
     _allowed(problems, "logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
     _check(problems, cfg.logging.log_every_steps >= 1, "logging.log_every_steps", cfg.logging.log_every_steps, ">= 1")
@@ -472,4 +523,7 @@ def lora_targets(cfg: DictConfig) -> list[str]:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The resolved config as saved with a run, secrets from the environment masked."""
+    from distributed_peft.redaction import redact
+
+    return redact(OmegaConf.to_yaml(cfg, resolve=True))

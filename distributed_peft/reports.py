@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from distributed_peft.atomic_files import atomic_savefig, atomic_write_text
 from distributed_peft.metrics import LOWER_IS_BETTER
+from distributed_peft.redaction import redact
 from distributed_peft.tracking import read_metrics
 
 COUNT_METRICS = {"tokens", "generated_examples"}
@@ -46,12 +48,12 @@ def _samples_markdown(samples: list[dict[str, str]]) -> list[str]:
 
 def write_eval_reports(run_dir: Path, results: dict[str, Any], title: str) -> None:
     """eval.json, eval.md (metrics table and side-by-side generations) and eval_metrics.png in the run directory."""
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(run_dir / "eval.json", json.dumps(results, indent=2))
     improvement = results["base"]["loss"] - results["adapter"]["loss"]
     md = [f"# {title}", "", metrics_table(results), "", f"Eval loss lowered by {improvement:.4f} by the adapter.", ""]
     if results.get("samples"):
         md += _samples_markdown(results["samples"])
-    (run_dir / "eval.md").write_text("\n".join(md))
+    atomic_write_text(run_dir / "eval.md", "\n".join(md))
     plot_metric_bars(run_dir, results, title)
 
 
@@ -69,7 +71,7 @@ def plot_metric_bars(run_dir: Path, results: dict[str, Any], title: str) -> Path
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(run_dir) / "eval_metrics.png"
-    fig.savefig(path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return path
 
@@ -95,13 +97,18 @@ def plot_loss_curves(run_dir: Path, title: str) -> Path:
     ax.legend()
     fig.tight_layout()
     path = Path(run_dir) / "loss.png"
-    fig.savefig(path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return path
 
 
 def write_model_card(path: Path, metadata: dict[str, Any], eval_results: dict[str, Any] | None) -> None:
     """A short README.md: base, its fingerprint, task, data, steps and metrics."""
+    atomic_write_text(path, redact(model_card(metadata, eval_results)))
+
+
+def model_card(metadata: dict[str, Any], eval_results: dict[str, Any] | None) -> str:
+    """The model card's markdown (what write_model_card writes)."""
     base, run = metadata["base"], metadata["run"]
     lines = [
         f"# {metadata['task']} adapter on {base['name']}",
@@ -118,4 +125,4 @@ def write_model_card(path: Path, metadata: dict[str, Any], eval_results: dict[st
     if eval_results:
         lines += ["## Evaluation (validation split)", "", metrics_table(eval_results), ""]
     lines += ["## Reproduce", "", "```", run["command"], "```", ""]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)

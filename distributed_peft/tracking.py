@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -10,21 +11,29 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from distributed_peft.atomic_files import atomic_write_text
+from distributed_peft.redaction import redact
+
 METRICS_FILE = "metrics.jsonl"
 
 
 class RunLog:
     """Writes each logged step to metrics.jsonl and to the optional trackers, on the main process only."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, is_main_process: bool):
+    def __init__(self, cfg: DictConfig, run_dir: Path, is_main_process: bool, resume_step: int | None = None):
         self.is_main = is_main_process
         self.path = run_dir / METRICS_FILE
         self.trackers: list[Any] = []
         if not self.is_main:
             return
-        self.path.write_text("")
+        kept = ""  # a resumed run keeps the rows up to its checkpoint and drops those of the lost steps after it
+        if resume_step and self.path.is_file():
+            rows = [r for r in read_metrics(run_dir) if r["step"] <= resume_step and "train/loss" in r]
+            kept = "".join(f"{json.dumps(row)}\n" for row in rows)  # the final evaluation is written anew
+        atomic_write_text(self.path, kept)
         run_name = Path(cfg.output_dir).name
-        config = _flat(OmegaConf.to_container(cfg, resolve=True))
+        config = {key: redact(value) if isinstance(value, str) else value
+                  for key, value in _flat(OmegaConf.to_container(cfg, resolve=True)).items()}  # fmt: skip
         if cfg.logging.tensorboard:
             from accelerate.tracking import TensorBoardTracker
 
@@ -72,6 +81,7 @@ def quiet_library_progress() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # no line per file of every checkpoint
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 import shlex
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distributed_peft.cli import hydra_app
 from distributed_peft.config import lora_targets, to_yaml
-from distributed_peft.errors import ConfigError
+from distributed_peft.errors import ConfigError, Preempted, TrainingDiverged
 
 
 class FinetuneRecipe:
@@ -32,12 +34,17 @@ class FinetuneRecipe:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.history: list[dict[str, Any]] = []
+        self.start_step, self.nonfinite_steps = 0, 0
+        self.tokens_seen = self.inputs_seen = self.seconds_before = 0.0
+        self.epoch_generator_state: str | None = None
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
         from distributed_peft import batching
+        from distributed_peft.atomic_files import atomic_write_text, check_writable, remove_leftovers
+        from distributed_peft.checkpoint import resolve_resume
         from distributed_peft.config import SHARDED_PARAMETER_STRATEGIES
         from distributed_peft.data import collate_padded, prepare_task_data
         from distributed_peft.distributed import build_accelerator, check_launch_matches
@@ -56,17 +63,19 @@ class FinetuneRecipe:
             raise ConfigError(f"training.optimizer={training.optimizer!r} needs CUDA; allowed here: adamw_torch")
         self.accelerator = accelerator = build_accelerator(cfg)
         self.strategy = check_launch_matches(cfg, accelerator)
+        check_writable(self.run_dir)
+        self.resume_from = resolve_resume(cfg, say=self.print)  # a bad resume path fails before any model loads
         set_seed(training.seed)
-        if accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         with accelerator.main_process_first():  # rank 0 builds the embedded base, the others find it cached
             self.base_path, self.base_identity = resolve_base(cfg.model)
         self.tokenizer = load_tokenizer(self.base_path)
         self.data = prepare_task_data(cfg, self.tokenizer)  # data problems surface before the model loads
         self.print(self.data.stats.summary())
-        if accelerator.is_main_process:
-            (self.run_dir / "split.json").write_text(self.data.stats.to_json())
+        if accelerator.is_main_process:  # the first files of the run: config and data are known to be usable
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(self.run_dir)
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+            atomic_write_text(self.run_dir / "split.json", self.data.stats.to_json())
 
         base = load_base_model(
             cfg,
@@ -81,6 +90,7 @@ class FinetuneRecipe:
         self.print(f"model: {cfg.model.name} ({cfg.peft.method}), {trainable:,} trainable of {total:,} parameters")
 
         train_loader = batching.train_loader(self.data.train, cfg, self.tokenizer.pad_token_id)
+        self.sampler_generator = getattr(train_loader.sampler, "generator", None)  # plain shuffled batches
         eval_loader = torch.utils.data.DataLoader(
             self.data.eval,
             batch_size=training.eval_batch_size,
@@ -106,7 +116,33 @@ class FinetuneRecipe:
             f"{training.gradient_accumulation_steps} x world size {accelerator.num_processes}; "
             f"{self.total_steps} optimizer steps; strategy {self.strategy}; packing {training.packing}"
         )
-        self.log = RunLog(cfg, self.run_dir, accelerator.is_main_process)
+        self._setup_checkpoints(trainable)
+        self.log = RunLog(cfg, self.run_dir, accelerator.is_main_process, resume_step=self.start_step or None)
+
+    def _setup_checkpoints(self, trainable_params: int) -> None:
+        """Periodic checkpoints, and the resume: weights, optimizer, scheduler, RNG and the data position."""
+        from distributed_peft.checkpoint import Checkpointer, check_disk_space, check_same_run, run_fingerprint
+
+        cfg, accelerator = self.cfg, self.accelerator
+        self.fingerprint = run_fingerprint(cfg, accelerator.num_processes, self.strategy)
+        check_disk_space(self.run_dir, trainable_params, cfg.training.keep_checkpoints)
+        self.checkpoints = Checkpointer(accelerator, self.run_dir, cfg.training.keep_checkpoints)
+        accelerator.register_for_checkpointing(self.scheduler)
+        if self.resume_from is None:
+            removed = self.checkpoints.remove_all() if str(cfg.training.resume) != "auto" else 0
+            if removed:
+                self.print(f"training.resume={cfg.training.resume}: removed {removed} checkpoint(s) of an earlier run")
+            return
+        state = self.checkpoints.load(self.resume_from)
+        check_same_run(state["run"], self.fingerprint, self.resume_from)
+        self.start_step, self.nonfinite_steps = state["step"], state["nonfinite_steps"]
+        self.tokens_seen, self.inputs_seen = state["tokens_seen"], state["input_tokens_seen"]
+        self.seconds_before = state["seconds"]
+        self.resume_position = (state["epoch"], state["micro_batches_done"], state["epoch_generator_state"])
+        self.print(
+            f"resume: continuing from {self.resume_from} (step {self.start_step} of {self.total_steps}, "
+            f"epoch {state['epoch']}, {state['micro_batches_done']} micro batches into it)"
+        )
 
     def _optimizer(self, model) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -130,21 +166,39 @@ class FinetuneRecipe:
 
     # ------------------------------------------------------------------------------------------------ train
     def _windows(self):
-        """Endless stream of gradient-accumulation windows (lists of micro batches), epoch after epoch."""
-        epoch = 0
+        """Endless stream of gradient-accumulation windows (lists of micro batches), epoch after epoch.
+
+        Starts where a resumed checkpoint stopped: the same epoch order, its first micro batches skipped.
+        """
+        epoch, skip, generator_state = getattr(self, "resume_position", (0, 0, None))
+        accumulation = self.cfg.training.gradient_accumulation_steps
         while True:
             if hasattr(self.train_loader, "set_epoch"):
                 self.train_loader.set_epoch(epoch)
-            window = []
-            for batch in self.train_loader:
+            if self.sampler_generator is not None:  # a shuffled DataLoader: its order comes from this generator
+                from distributed_peft.checkpoint import decode_generator_state, encode_generator_state
+
+                if generator_state is not None:
+                    self.sampler_generator.set_state(decode_generator_state(generator_state))
+                self.epoch_generator_state = encode_generator_state(self.sampler_generator)
+            loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+            done, window = skip, []
+            for batch in loader:
                 window.append(batch)
-                if len(window) == self.cfg.training.gradient_accumulation_steps:
+                done += 1
+                if len(window) == accumulation:
+                    self.position = (epoch, done)
                     yield window
                     window = []
-            epoch += 1
+            epoch, skip, generator_state = epoch + 1, 0, None
 
     def train_step(self, window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """One optimizer step over a window of micro batches, loss weighted by tokens across the window and ranks."""
+        """One optimizer step over a window of micro batches, loss weighted by tokens across the window and ranks.
+
+        A micro batch whose loss is NaN/inf on any rank backpropagates zero instead (every rank still runs its
+        collectives) and the optimizer step is skipped; DeepSpeed steps inside backward, so there only that micro
+        batch's gradient is dropped.
+        """
         from distributed_peft.batching import model_inputs, real_tokens
         from distributed_peft.distributed import global_sum
         from distributed_peft.objective import count_label_tokens, loss_positions, token_stats
@@ -155,31 +209,42 @@ class FinetuneRecipe:
         # accelerate divides by the accumulation steps and DDP averages over ranks: undo both so the
         # gradient is that of (sum of token losses) / (tokens in the global batch).
         scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / max(window_tokens, 1.0)
-        loss_sum = 0.0
+        loss_sum, skipped, grad_norm = 0.0, False, None
         for batch in window:
             with accelerator.accumulate(model):
                 keep = loss_positions(batch["labels"])  # no vocabulary projection for prompt positions
                 logits = model(**model_inputs(batch), logits_to_keep=keep).logits
                 batch_loss_sum = token_stats(logits, batch["labels"][:, keep + 1])["loss_sum"].sum()
+                finite = math.isfinite(batch_loss_sum.item())
+                if global_sum(accelerator, not finite) > 0:
+                    skipped = True
+                    batch_loss_sum = self._zero_loss()
                 accelerator.backward(batch_loss_sum * scale)
                 loss_sum += batch_loss_sum.item()
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and not skipped:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.cfg.training.max_grad_norm)
                     if grad_norm is None and hasattr(model, "get_global_grad_norm"):  # DeepSpeed clips in its step
                         grad_norm = model.get_global_grad_norm()
-                self.optimizer.step()
+                    skipped = grad_norm is not None and not math.isfinite(float(grad_norm))
+                if not (accelerator.sync_gradients and skipped):
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         processed = global_sum(accelerator, sum(b["input_ids"].numel() for b in window))
         real = global_sum(accelerator, sum(real_tokens(b) for b in window))
         return {
-            "train/loss": global_sum(accelerator, loss_sum) / max(window_tokens, 1.0),
+            "train/loss": float("nan") if skipped else global_sum(accelerator, loss_sum) / max(window_tokens, 1.0),
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/tokens": window_tokens,
             "train/input_tokens": real,
             "train/padding_waste": 1.0 - real / processed,
+            "train/skipped_nonfinite": float(skipped),
         }
+
+    def _zero_loss(self) -> torch.Tensor:
+        """A zero loss that reaches every trainable parameter, so DDP's and DeepSpeed's gradient hooks still fire."""
+        return sum((p * 0.0).sum() for p in self.model.parameters() if p.requires_grad)
 
     def evaluate(self) -> dict[str, float]:
         from distributed_peft.evaluate import evaluate_loss
@@ -188,46 +253,93 @@ class FinetuneRecipe:
         return {"eval/loss": result["loss"], "eval/token_accuracy": result["token_accuracy"]}
 
     def train(self) -> None:
+        """Steps start_step+1 .. total_steps; checkpoints every N steps; SIGTERM saves one and stops (Preempted)."""
         from tqdm.auto import tqdm
+
+        from distributed_peft.distributed import global_sum
 
         training, log_every = self.cfg.training, self.cfg.logging.log_every_steps
         self.model.train()
         show = self.accelerator.is_main_process and self.cfg.logging.progress_bar
         bar = tqdm(
             total=self.total_steps,
+            initial=self.start_step,
             desc=f"train {self.cfg.task.name}",
             unit="step",
             disable=not show,
             mininterval=0.5 if sys.stderr.isatty() else 10.0,
         )
-        start, tokens_seen, inputs_seen, self.train_tokens = time.perf_counter(), 0.0, 0.0, 0.0
+        start, tokens_at_start, inputs_at_start = time.perf_counter(), self.tokens_seen, self.inputs_seen
         windows = self._windows()
-        for step in range(1, self.total_steps + 1):
-            metrics = self.train_step(next(windows))
-            tokens_seen += metrics["train/tokens"]
-            inputs_seen += metrics["train/input_tokens"]
-            elapsed = time.perf_counter() - start
-            metrics["train/tokens_per_s"] = tokens_seen / elapsed  # completion (loss-bearing) tokens
-            metrics["train/input_tokens_per_s"] = inputs_seen / elapsed  # every non-pad token processed
-            metrics["train/tokens_per_s_per_worker"] = metrics["train/tokens_per_s"] / self.accelerator.num_processes
-            if training.eval_steps and step % training.eval_steps == 0 and step < self.total_steps:
-                metrics.update(self.evaluate())
-            if step % log_every == 0 or "eval/loss" in metrics or step == self.total_steps:
-                self.log.log(metrics, step)
-            bar.set_postfix(
-                loss=f"{metrics['train/loss']:.3f}",
-                tok_s=f"{metrics['train/tokens_per_s']:,.0f}",
-                pad=f"{metrics['train/padding_waste']:.0%}",
-            )
-            bar.update(1)
+        with sigterm_flag() as sigterm:
+            for step in range(self.start_step + 1, self.total_steps + 1):
+                metrics = self.train_step(next(windows))
+                self.tokens_seen += metrics["train/tokens"]
+                self.inputs_seen += metrics["train/input_tokens"]
+                elapsed = time.perf_counter() - start  # this process's rate (a resumed run's earlier part excluded)
+                metrics["train/tokens_per_s"] = (self.tokens_seen - tokens_at_start) / elapsed
+                metrics["train/input_tokens_per_s"] = (self.inputs_seen - inputs_at_start) / elapsed
+                metrics["train/tokens_per_s_per_worker"] = (
+                    metrics["train/tokens_per_s"] / self.accelerator.num_processes
+                )
+                skipped = metrics["train/skipped_nonfinite"] > 0
+                self.nonfinite_steps += int(skipped)
+                if self.nonfinite_steps > training.max_nonfinite_steps:
+                    raise self._diverged(step)
+                if training.eval_steps and step % training.eval_steps == 0 and step < self.total_steps:
+                    metrics.update(self.evaluate())
+                if step % log_every == 0 or "eval/loss" in metrics or step == self.total_steps or skipped:
+                    self.log.log(metrics, step)
+                bar.set_postfix(
+                    loss=f"{metrics['train/loss']:.3f}",
+                    tok_s=f"{metrics['train/tokens_per_s']:,.0f}",
+                    pad=f"{metrics['train/padding_waste']:.0%}",
+                )
+                bar.update(1)
+                stop = global_sum(self.accelerator, sigterm.is_set()) > 0  # every rank stops at the same step
+                due = training.checkpoint_every and step % training.checkpoint_every == 0
+                if (due and not skipped) or stop:
+                    saved = self.save_checkpoint(step, elapsed, reason="sigterm" if stop else "periodic")
+                if stop:
+                    bar.close()
+                    raise Preempted(
+                        f"SIGTERM: stopped at step {step} of {self.total_steps}, checkpoint {saved}; "
+                        "rerun the same command to resume"
+                    )
         bar.close()
-        self.train_tokens, self.train_seconds = tokens_seen, time.perf_counter() - start
+        self.train_tokens, self.train_seconds = self.tokens_seen, self.seconds_before + time.perf_counter() - start
+
+    def _diverged(self, step: int) -> TrainingDiverged:
+        from distributed_peft.checkpoint import list_checkpoints
+
+        last = next(iter(list_checkpoints(self.run_dir)), None)
+        return TrainingDiverged(
+            f"training.max_nonfinite_steps={self.cfg.training.max_nonfinite_steps}: the loss was NaN/inf at "
+            f"{self.nonfinite_steps} steps (the last at step {step}); stopped. Last good checkpoint: "
+            f"{last or 'none'}; lower training.lr or check the data"
+        )
+
+    def save_checkpoint(self, step: int, elapsed: float, reason: str):
+        epoch, done = self.position
+        state = {
+            "reason": reason,
+            "epoch": epoch,
+            "micro_batches_done": done,
+            "epoch_generator_state": self.epoch_generator_state,
+            "tokens_seen": self.tokens_seen,
+            "input_tokens_seen": self.inputs_seen,
+            "seconds": self.seconds_before + elapsed,
+            "nonfinite_steps": self.nonfinite_steps,
+            "run": self.fingerprint,
+        }
+        return self.checkpoints.save(step, state)
 
     # ------------------------------------------------------------------------------------------------ save
     def save(self) -> dict[str, Any]:
         """Final base-vs-adapter evaluation, then the adapter, reports, loss curve and model card."""
         from distributed_peft.adapters import save_adapter
         from distributed_peft.evaluate import evaluate_base_and_adapter
+        from distributed_peft.redaction import redact
         from distributed_peft.reports import plot_loss_curves, write_eval_reports, write_model_card
 
         cfg, accelerator = self.cfg, self.accelerator
@@ -257,9 +369,10 @@ class FinetuneRecipe:
                 "effective_batch": self.effective_batch,
                 "world_size": accelerator.num_processes,
                 "train_tokens": int(self.train_tokens),
+                "resumed_from_step": self.start_step,
                 "seconds": self.train_seconds,
                 "data": self.data.stats.summary().removeprefix("data: "),
-                "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "command": redact(shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])),
             },
             "eval": results,
             "config": OmegaConf.to_container(cfg, resolve=True),
@@ -278,6 +391,23 @@ class FinetuneRecipe:
     def cleanup(self) -> None:
         self.log.close()
         self.accelerator.end_training()  # destroys the process group so the launcher exits cleanly
+
+
+@contextmanager
+def sigterm_flag():
+    """While training, SIGTERM (SLURM's pre-emption, a spot instance's notice) only raises a flag, checked at each
+    step boundary; outside the block the previous handler is back. Only the main thread can set handlers."""
+    import threading
+
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_training(cfg: DictConfig) -> dict[str, Any]:
