@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,13 @@ def load_records(task: DictConfig):
     import datasets
 
     args, kwargs = _load_dataset_args(task.data)
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # a parse failure is reported once, as one line below
     try:
         dataset = datasets.load_dataset(*args, **kwargs)
     except (FileNotFoundError, ValueError, ConnectionError) as exc:
         raise DataError(f"task.data: cannot load {args[0]!r}: {str(exc).splitlines()[0]}") from exc
+    except datasets.exceptions.DatasetGenerationError as exc:  # a malformed line or cell somewhere in the file
+        raise DataError(f"task.data.path={task.data.path!r}: {_first_bad_record(task.data, exc)}") from exc
     missing = sorted(set(task.data.columns.values()) - set(dataset.column_names))
     if missing:
         raise DataError(
@@ -60,6 +64,24 @@ def load_records(task: DictConfig):
         remove_columns=[c for c in dataset.column_names if c not in wanted],
     )
     return dataset.add_column("example_id", list(range(len(dataset))))
+
+
+def _first_bad_record(data: DictConfig, exc: Exception) -> str:
+    """Where and why a local file failed to parse: the first bad line of a jsonl file, else the parser's reason."""
+    path, fmt = Path(data.path or ""), resolve_data_format(data.path or "", data.format)
+    if fmt == "jsonl" and path.is_file():
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    if raw.strip():
+                        json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as error:
+                    return f"line {number} is not UTF-8 ({error.reason} at byte {error.start}); allowed: UTF-8 text"
+                except ValueError as error:
+                    return f"line {number} is not valid JSON ({error}); allowed: one JSON object per line"
+    cause = exc.__cause__ or exc.__context__ or exc
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return f"cannot be parsed as {fmt}: {reason}"
 
 
 def format_example(record: dict[str, Any], task: DictConfig) -> tuple[str, str]:
@@ -140,12 +162,8 @@ def _tokenize_split(records, task, tokenizer, training, stats: DataStats, keep_t
     return examples
 
 
-def prepare_task_data(cfg: DictConfig, tokenizer, keep_train_text: bool = False) -> TaskData:
-    """Load, filter, split by seed and tokenize the task's data; raise DataError when nothing is left.
-
-    Validation examples keep their text fields (for generation metrics); training examples only on request.
-    """
-    task, training = cfg.task, cfg.training
+def split_records(task: DictConfig, training: DictConfig):
+    """The task's usable records shuffled by the seed and split as training splits them: (eval, train, stats)."""
     source = resolve_data_source(task.data)
     where = {"hub": task.data.hub_id, "sample": f"sample {task.data.sample_file}", "local": task.data.path}[source]
     records = load_records(task)
@@ -166,7 +184,16 @@ def prepare_task_data(cfg: DictConfig, tokenizer, keep_train_text: bool = False)
     n_eval = max(1, round(len(records) * training.eval_fraction))
     if training.max_eval_examples:
         n_eval = min(n_eval, training.max_eval_examples)
-    eval_records, train_records = records.select(range(n_eval)), records.select(range(n_eval, len(records)))
+    return records.select(range(n_eval)), records.select(range(n_eval, len(records))), stats
+
+
+def prepare_task_data(cfg: DictConfig, tokenizer, keep_train_text: bool = False) -> TaskData:
+    """Load, filter, split by seed and tokenize the task's data; raise DataError when nothing is left.
+
+    Validation examples keep their text fields (for generation metrics); training examples only on request.
+    """
+    task, training = cfg.task, cfg.training
+    eval_records, train_records, stats = split_records(task, training)
     train = _tokenize_split(train_records, task, tokenizer, training, stats, keep_text=keep_train_text)
     evaluation = _tokenize_split(eval_records, task, tokenizer, training, stats, keep_text=True)
     if not train or not evaluation:

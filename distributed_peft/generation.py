@@ -29,9 +29,15 @@ def _left_padded(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 
 
 def generate_batch(
-    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, synced_gpus: bool = False
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    synced_gpus: bool = False,
+    temperature: float = 0.0,
 ) -> list[str]:
-    """Greedy completions (decoded, stripped, stopped at EOS) of already tokenized prompts."""
+    """Completions (decoded, stripped, stopped at EOS) of already tokenized prompts: greedy, or sampled at
+    `temperature` > 0 from torch's global generator (seed it first for a reproducible answer)."""
     from distributed_peft.evaluate import evaluation_mode
 
     device = next(model.parameters()).device
@@ -41,7 +47,8 @@ def generate_batch(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            do_sample=temperature > 0,
+            **({"temperature": temperature} if temperature > 0 else {}),
             num_beams=1,
             use_cache=True,
             pad_token_id=tokenizer.pad_token_id,
@@ -107,7 +114,8 @@ def generate_with_adapters(cfg: DictConfig) -> dict[str, dict[str, str]]:
     return answers
 
 
-def _default_adapters() -> list[str]:
+def default_adapters() -> list[str]:
+    """Every adapter shipped in adapters_prebuilt/."""
     return sorted(str(p.parent) for p in (PROJECT_ROOT / "adapters_prebuilt").glob("*/adapter_model.safetensors"))
 
 
@@ -115,7 +123,7 @@ def _default_adapters() -> list[str]:
 def main(cfg: DictConfig) -> None:
     """Print each adapter's answer and the base's for the same input."""
     if not cfg.adapters:
-        cfg.adapters = _default_adapters()
+        cfg.adapters = default_adapters()
     for name, answer in generate_with_adapters(cfg).items():
         print(f"=== {name}\n{answer['prompt']}\n  base:    {answer['base']}\n  adapter: {answer['adapter']}")
 
