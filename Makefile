@@ -1,6 +1,6 @@
 # distributed-peft: every target installs what it needs into .venv first (fresh machine, no GPU, no hub).
 #   make demo   build the tiny base, train the detox adapter, evaluate base vs adapter
-#   make test   lint, then the whole pytest suite (what CI runs)
+#   make test   lint, then the whole pytest suite (what CI runs; installs Chromium for the browser test as root)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +11,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_MODE ?= offline
 DEMO_DIR ?= runs/demo-detox
 
-.PHONY: install demo test lint format bench bench-scaling prebuilt reproduce clean
+.PHONY: install browser demo test lint format bench bench-scaling prebuilt reproduce clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,8 +40,21 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The explorer's browser test drives the system Chromium (Debian packages; no browser download). Installed when
+# missing, only as root with apt-get; never fails the build: without a browser that one test skips and says why.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing chromium and chromium-driver (apt-get) for the explorer's browser test"; \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+				chromium chromium-driver >/dev/null; } || echo "chromium could not be installed: its test will skip"; \
+		else \
+			echo "chromium is not installed (needs root and apt-get): the explorer's browser test will skip"; \
+		fi; \
+	fi
+
 # pytest exits 5 when it collected no test: make fails on any non-zero exit, so an empty suite fails CI.
-test: $(STAMP) lint
+test: $(STAMP) lint browser
 	$(VENV)/bin/python -m pytest
 
 # Our packing vs TRL SFTTrainer (padded and padding-free): tokens/s, padding waste, memory, eval loss
