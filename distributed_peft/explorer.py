@@ -12,6 +12,7 @@ unavailable, with its reason, and the others keep working. The page and the API 
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -263,10 +264,8 @@ def check_port_free(host: str, port: int) -> None:
 @hydra_app("dpeft-explore", config_name="explore", validator=validate_explore)
 def main(cfg: DictConfig) -> None:
     """Serve the page until interrupted."""
-    try:
-        import gradio  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError("dpeft-explore needs gradio; allowed: pip install 'distributed-peft[explore]'") from exc
+    if importlib.util.find_spec("gradio") is None:
+        raise ConfigError("dpeft-explore needs gradio; allowed: pip install 'distributed-peft[explore]'")
     check_port_free(cfg.host, cfg.port)
     explorer = load_explorer(cfg)
     from distributed_peft.explorer_app import serve
