@@ -119,3 +119,18 @@ def test_projecting_only_loss_positions_gives_the_same_loss_and_gradients(llama)
     for name, param in model.named_parameters():
         if param.requires_grad:
             assert torch.allclose(param.grad, full_grads[name], rtol=1e-5, atol=1e-5), name
+
+
+def test_token_stats_sums_the_cross_entropy_of_labelled_tokens_per_row():
+    from distributed_peft.data import IGNORE_INDEX
+    from distributed_peft.objective import token_stats
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    targets = torch.tensor([[1, IGNORE_INDEX, 3, 4, IGNORE_INDEX], [IGNORE_INDEX, 2, 2, 10, 0]])
+    stats = token_stats(logits, targets)
+    labelled = targets != IGNORE_INDEX
+    nll = -logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    assert torch.allclose(stats["loss_sum"], (nll * labelled).sum(dim=1))
+    assert stats["tokens"].tolist() == [3, 4]
+    assert stats["correct"].tolist() == ((logits.argmax(-1) == targets) & labelled).sum(dim=1).tolist()
