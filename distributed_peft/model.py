@@ -115,6 +115,8 @@ def attach_lora(model, cfg: DictConfig, gradient_checkpointing: bool = False):
     """Wrap the base in a trainable LoRA adapter over the configured target modules."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    from distributed_peft.lora_dropout import use_sparse_dropout
+
     targets = lora_targets(cfg)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in present]
@@ -136,7 +138,9 @@ def attach_lora(model, cfg: DictConfig, gradient_checkpointing: bool = False):
         bias=cfg.peft.bias,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    use_sparse_dropout(model)  # the same dropout distribution, without one random draw per element on CPU
+    return model
 
 
 def apply_liger_kernel(model) -> bool:
