@@ -21,16 +21,18 @@ def completion_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     return token_stats(logits[:, :-1], labels[:, 1:])
 
 
-def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-row sums of cross-entropy, labelled-token count and argmax hits, logits already aligned to targets."""
+def token_stats(logits: torch.Tensor, targets: torch.Tensor, accuracy: bool = True) -> dict[str, torch.Tensor]:
+    """Per-row sums of cross-entropy, labelled tokens and argmax hits (not with accuracy=False), logits aligned."""
     logits = logits.float()
     mask = targets != IGNORE_INDEX
     safe_targets = targets.masked_fill(~mask, 0)
     # rows of [N, V]: over a transposed [B, V, T] view the CPU log-softmax (and its backward) is ~4x slower
     token_loss = F.cross_entropy(logits.flatten(0, 1), safe_targets.flatten(), reduction="none")
     token_loss = token_loss.view_as(targets) * mask
-    hits = (logits.argmax(dim=-1) == safe_targets) & mask
-    return {"loss_sum": token_loss.sum(dim=1), "tokens": mask.sum(dim=1), "correct": hits.sum(dim=1)}
+    stats = {"loss_sum": token_loss.sum(dim=1), "tokens": mask.sum(dim=1)}
+    if accuracy:
+        stats["correct"] = ((logits.argmax(dim=-1) == safe_targets) & mask).sum(dim=1)
+    return stats
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:

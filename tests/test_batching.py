@@ -134,3 +134,5 @@ def test_token_stats_sums_the_cross_entropy_of_labelled_tokens_per_row():
     assert torch.allclose(stats["loss_sum"], (nll * labelled).sum(dim=1))
     assert stats["tokens"].tolist() == [3, 4]
     assert stats["correct"].tolist() == ((logits.argmax(-1) == targets) & labelled).sum(dim=1).tolist()
+    loss_only = token_stats(logits, targets, accuracy=False)  # training skips the argmax over the vocabulary
+    assert "correct" not in loss_only and torch.equal(loss_only["loss_sum"], stats["loss_sum"])
