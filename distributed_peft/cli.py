@@ -10,10 +10,12 @@ import functools
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig
@@ -25,7 +27,7 @@ from distributed_peft.errors import USER_ERROR_EXIT_CODE, ConfigError, DpeftErro
 
 def report_user_error(error: DpeftError, prog: str) -> None:
     for problem in error.problems:
-        print(f"{prog}: error: {problem}", file=sys.stderr)
+        print(f"{prog}: {error.label}: {problem}", file=sys.stderr)
 
 
 def _one_line(exc: Exception) -> str:
@@ -75,6 +77,14 @@ def check_overrides(
     return cfg
 
 
+def _remove_if_empty(directory: str) -> None:
+    """Hydra creates the run directory before the app starts: a run that failed on a user error leaves nothing."""
+    try:
+        Path(directory).rmdir()  # only succeeds when empty
+    except OSError:
+        pass
+
+
 def hydra_app(
     prog: str, config_name: str = "config", validator: Callable[[DictConfig], None] = validate
 ) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
@@ -87,6 +97,7 @@ def hydra_app(
                 return fn(cfg)
             except DpeftError as error:
                 report_user_error(error, prog)
+                _remove_if_empty(HydraConfig.get().runtime.output_dir)
                 sys.exit(error.exit_code)
 
         @functools.wraps(fn)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from distributed_peft.errors import ConfigError
+from distributed_peft.errors import ConfigError, DpeftError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = Path(os.environ.get("DPEFT_CONF_DIR", PROJECT_ROOT / "conf"))
@@ -335,9 +335,9 @@ def resolve_data_format(path: str, fmt: Optional[str]) -> str:
 def read_columns(path: Path, fmt: str) -> list[str]:
     """Column names of a local data file, read from its header or first record only."""
     if fmt == "jsonl":
-        with path.open(encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), "{}")
-        return list(json.loads(first).keys())
+        with path.open("rb") as f:  # only the first record is decoded: the loader reports a bad line further on
+            first = next((line for line in f if line.strip()), b"{}")
+        return list(json.loads(first.decode("utf-8")).keys())
     if fmt == "json":
         records = json.loads(path.read_text(encoding="utf-8"))
         return list(records[0].keys()) if isinstance(records, list) and records else []
@@ -393,6 +393,9 @@ def _validate_data(task: DictConfig, problems: list[str]) -> None:
     except (ValueError, OSError, UnicodeDecodeError) as exc:
         problems.append(f"task.data.path={str(path)!r} cannot be read as {fmt}: {exc}")
         return
+    if not columns:
+        problems.append(f"task.data.path={str(path)!r} holds no record; allowed: a {fmt} file with at least one record")
+        return
     missing = sorted({column for column in data.columns.values() if column not in columns})
     if missing:
         problems.append(
@@ -445,6 +448,8 @@ def validate(cfg: DictConfig) -> None:
     _allowed(problems, "training.lr_scheduler", training.lr_scheduler, LR_SCHEDULERS)
     _check(problems, 0 <= training.warmup_ratio < 1, "training.warmup_ratio", training.warmup_ratio, "in [0, 1)")
     _check(problems, training.weight_decay >= 0, "training.weight_decay", training.weight_decay, ">= 0")
+    _check(problems, training.max_steps == -1 or training.max_steps > 0, "training.max_steps", training.max_steps,
+           "a positive number of optimizer steps, or -1 to train for training.epochs")  # fmt: skip
     if training.max_steps <= 0:
         _check(problems, training.epochs > 0, "training.epochs", training.epochs, "> 0 when training.max_steps <= 0")
     for key in ("micro_batch_size", "gradient_accumulation_steps", "eval_batch_size"):
@@ -505,6 +510,12 @@ def validate(cfg: DictConfig) -> None:
         _check(problems, evaluation[key] >= 1, f"evaluation.{key}", evaluation[key], "an integer >= 1")
     _check(problems, evaluation.show_examples >= 0, "evaluation.show_examples", evaluation.show_examples, ">= 0")
     _validate_data(task, problems)
+    try:  # Hydra creates the run directory before the run starts: an unwritable one must be refused here
+        from distributed_peft.atomic_files import check_writable
+
+        check_writable(run_dir(cfg.adapter, cfg.output_dir))
+    except DpeftError as error:
+        problems.extend(error.problems)
     if problems:
         raise ConfigError(problems)
 

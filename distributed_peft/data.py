@@ -39,6 +39,8 @@ def load_records(task: DictConfig):
     import datasets
 
     args, kwargs = _load_dataset_args(task.data)
+    if resolve_data_source(task.data) == "local":
+        _check_utf8(Path(task.data.path), resolve_data_format(task.data.path, task.data.format))
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # a parse failure is reported once, as one line below
     try:
         dataset = datasets.load_dataset(*args, **kwargs)
@@ -66,6 +68,21 @@ def load_records(task: DictConfig):
     return dataset.add_column("example_id", list(range(len(dataset))))
 
 
+def _check_utf8(path: Path, fmt: str) -> None:
+    """Text formats must be UTF-8 throughout: name the first line that is not (pyarrow would fail much later)."""
+    if fmt not in ("jsonl", "json", "csv", "tsv"):
+        return
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"task.data.path={str(path)!r}: line {number} is not UTF-8 ({error.reason} at byte {error.start}); "
+                    "allowed: UTF-8 text"
+                ) from error
+
+
 def _first_bad_record(data: DictConfig, exc: Exception) -> str:
     """Where and why a local file failed to parse: the first bad line of a jsonl file, else the parser's reason."""
     path, fmt = Path(data.path or ""), resolve_data_format(data.path or "", data.format)
@@ -75,8 +92,6 @@ def _first_bad_record(data: DictConfig, exc: Exception) -> str:
                 try:
                     if raw.strip():
                         json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as error:
-                    return f"line {number} is not UTF-8 ({error.reason} at byte {error.start}); allowed: UTF-8 text"
                 except ValueError as error:
                     return f"line {number} is not valid JSON ({error}); allowed: one JSON object per line"
     cause = exc.__cause__ or exc.__context__ or exc

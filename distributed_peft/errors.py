@@ -17,6 +17,7 @@ class DpeftError(Exception):
     """A problem caused by the user's config, data or environment (not a bug)."""
 
     exit_code = USER_ERROR_EXIT_CODE
+    label = "error"  # printed as `<prog>: <label>: <problem>`
 
     def __init__(self, problems: str | list[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
@@ -49,3 +50,4 @@ class Preempted(DpeftError):
     """SIGTERM arrived: the run saved a checkpoint at a step boundary and stops; the same command resumes it."""
 
     exit_code = PREEMPTED_EXIT_CODE
+    label = "preempted"

@@ -15,6 +15,7 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -229,7 +230,9 @@ class FinetuneRecipe:
                 if not (accelerator.sync_gradients and skipped):
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped step steps the schedule without the optimizer, on purpose
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before", UserWarning)
+            self.scheduler.step()
         processed = global_sum(accelerator, sum(b["input_ids"].numel() for b in window))
         real = global_sum(accelerator, sum(real_tokens(b) for b in window))
         return {
@@ -284,12 +287,12 @@ class FinetuneRecipe:
                 )
                 skipped = metrics["train/skipped_nonfinite"] > 0
                 self.nonfinite_steps += int(skipped)
-                if self.nonfinite_steps > training.max_nonfinite_steps:
-                    raise self._diverged(step)
                 if training.eval_steps and step % training.eval_steps == 0 and step < self.total_steps:
                     metrics.update(self.evaluate())
                 if step % log_every == 0 or "eval/loss" in metrics or step == self.total_steps or skipped:
                     self.log.log(metrics, step)
+                if self.nonfinite_steps > training.max_nonfinite_steps:
+                    raise self._diverged(step)
                 bar.set_postfix(
                     loss=f"{metrics['train/loss']:.3f}",
                     tok_s=f"{metrics['train/tokens_per_s']:,.0f}",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import io
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,23 @@ def shared_dataset(relative: str) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is absent: ../shared (real ParaDetox / GPTeacher data) is only beside CI checkouts")
     return path
+
+
+def run_entry(monkeypatch, prog: str, argv: list[str]) -> tuple[int, list[str]]:
+    """Run a console entry point in this process; return its exit code and its stderr lines."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    module = {"dpeft-train": "train", "dpeft-eval": "evaluate", "dpeft-generate": "generation"}[prog]
+    main = importlib.import_module(f"distributed_peft.{module}").main
+    GlobalHydra.instance().clear()
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "argv", [prog, *argv])
+    monkeypatch.setattr(sys, "stderr", stderr)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    GlobalHydra.instance().clear()
+    lines = [ln for ln in stderr.getvalue().splitlines() if ln.strip() and "Warning" not in ln]
+    return exit_info.value.code, lines
 
 
 @pytest.fixture(scope="session")

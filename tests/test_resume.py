@@ -1,0 +1,172 @@
+"""Resume that resumes: a run killed (-9) or pre-empted (SIGTERM) after a checkpoint, rerun with the same command,
+ends with the adapter of an uninterrupted run; a corrupted newest checkpoint is skipped for the one before it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PROJECT_ROOT
+from safetensors.torch import load_file
+
+from distributed_peft.checkpoint import MARKER, TRAINER_STATE, list_checkpoints
+from distributed_peft.errors import PREEMPTED_EXIT_CODE
+
+BIN = Path(sys.executable).parent
+# 60 examples -> 54 train = 7 micro batches of 8 an epoch: 16 steps cross two epoch boundaries (the data order of
+# each epoch must be restored too). Dropout 0 so that a resumed run can match an uninterrupted one exactly.
+RUN = [
+    "task=sql",
+    "model=tiny-llama",
+    "training=demo",
+    "task.data.max_examples=60",
+    "training.max_steps=16",
+    "training.eval_steps=6",
+    "training.max_eval_examples=16",
+    "peft.dropout=0",
+    "evaluation.generate=false",
+    "logging.progress_bar=false",
+]
+CHECKPOINTED = ["training.checkpoint_every=4", "training.keep_checkpoints=3"]
+TOLERANCE = 1e-6  # absolute, on every adapter tensor
+
+
+def train_command(out: Path, *extra: str) -> list[str]:
+    return [str(BIN / "dpeft-train"), *RUN, f"output_dir={out}", *extra]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    marker = out / "checkpoints" / f"step-{step:06d}" / MARKER
+    deadline = time.monotonic() + timeout
+    while not marker.is_file():
+        assert proc.poll() is None, f"the run ended before checkpoint {step}: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"no checkpoint at step {step} after {timeout} s"
+        time.sleep(0.02)
+
+
+def max_adapter_difference(a: Path, b: Path) -> float:
+    first = load_file(str(a / "adapter" / "adapter_model.safetensors"))
+    second = load_file(str(b / "adapter" / "adapter_model.safetensors"))
+    assert first.keys() == second.keys() and first
+    return max((first[k] - second[k]).abs().max().item() for k in first)
+
+
+def train_steps_logged(out: Path) -> list[int]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [row["step"] for row in rows if "train/loss" in row]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, bases) -> Path:
+    """The reference: the same run in one go, without checkpoints."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(train_command(out, "training.checkpoint_every=0"))
+    assert not (out / "checkpoints").exists()
+    return out
+
+
+@pytest.mark.slow
+def test_kill9_after_a_checkpoint_then_the_same_command_resumes_exactly(uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    command = train_command(out, *CHECKPOINTED)
+    proc = start(command)
+    wait_for_checkpoint(out, 8, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "adapter").exists(), "a killed run must not leave an adapter behind"
+    newest = list_checkpoints(out)[0]
+
+    resumed = run(command)
+    step = int(newest.name.removeprefix("step-"))
+    assert f"resume: continuing from {newest} (step {step} of 16" in resumed.stdout
+    assert train_steps_logged(out) == list(range(1, 17)), "every step logged once, none lost or repeated"
+    assert max_adapter_difference(out, uninterrupted) <= TOLERANCE
+    card = json.loads((out / "adapter" / "dpeft_adapter.json").read_text())
+    assert card["run"]["optimizer_steps"] == 16 and card["run"]["resumed_from_step"] == step
+
+    # The newest checkpoint is now step 16. Truncate one of its files: the rerun must notice, say so, resume from
+    # step 12 and still end with the same adapter.
+    newest = list_checkpoints(out)[0]
+    assert newest.name == "step-000016"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    again = run(command)
+    assert f"resume: skipping checkpoint {newest}: model.safetensors has 100 bytes" in again.stdout
+    assert f"resume: continuing from {out / 'checkpoints' / 'step-000012'} (step 12 of 16" in again.stdout
+    assert max_adapter_difference(out, uninterrupted) <= TOLERANCE
+    assert [p.name for p in list_checkpoints(out)] == ["step-000016", "step-000012", "step-000008"]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_a_step_boundary_exits_75_and_resumes(uninterrupted, tmp_path):
+    out = tmp_path / "preempted"
+    command = train_command(out, *CHECKPOINTED)
+    proc = start(command)
+    wait_for_checkpoint(out, 4, proc)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 60
+    assert proc.returncode == PREEMPTED_EXIT_CODE, f"{stdout[-2000:]}\n{stderr[-2000:]}"
+    line = [ln for ln in stderr.splitlines() if ln.startswith("dpeft-train: preempted: ")]
+    assert len(line) == 1 and "rerun the same command to resume" in line[0], stderr[-2000:]
+    newest = list_checkpoints(out)[0]
+    state = json.loads((newest / TRAINER_STATE).read_text())
+    assert state["reason"] == "sigterm" and state["step"] >= 4
+    assert not (out / "adapter").exists()
+
+    resumed = run(command)
+    assert f"resume: continuing from {newest} (step {state['step']} of 16" in resumed.stdout
+    assert train_steps_logged(out) == list(range(1, 17))
+    assert max_adapter_difference(out, uninterrupted) <= TOLERANCE
+
+
+ZERO2 = ["distributed=zero2", "num_gpu_workers=2", "training.packing=group_by_length"]
+
+
+@pytest.mark.slow
+def test_zero2_two_processes_killed_and_resumed_match_an_uninterrupted_zero2_run(tmp_path, bases):
+    def launch(out: Path, *extra: str) -> list[str]:
+        return [str(BIN / "dpeft-launch"), *RUN, *ZERO2, f"output_dir={out}", "main_process_port=29701", *extra]
+
+    reference = tmp_path / "zero2-reference"
+    run(launch(reference, "training.checkpoint_every=0"))
+    out = tmp_path / "zero2-killed"
+    command = launch(out, *CHECKPOINTED)
+    proc = start(command)
+    wait_for_checkpoint(out, 8, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, as when a node dies
+    proc.wait(timeout=30)
+    time.sleep(1)
+    newest = list_checkpoints(out)[0]
+    shards = sorted(p.name for p in newest.rglob("*optim_states.pt"))
+    assert len(shards) == 2, f"each rank saves its own optimizer shard: {shards}"
+
+    resumed = run(command)
+    assert f"resume: continuing from {newest}" in resumed.stdout
+    assert train_steps_logged(out) == list(range(1, 17))
+    assert max_adapter_difference(out, reference) <= TOLERANCE
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert all(t.numel() > 0 for t in tensors.values()) and any(
+        t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k
+    ), "the resumed ZeRO-2 adapter saved empty"
+    assert torch.isfinite(torch.cat([t.flatten() for t in tensors.values()])).all()
