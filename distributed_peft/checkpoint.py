@@ -109,6 +109,10 @@ def resolve_resume(cfg: DictConfig, say=print) -> Path | None:
     return path
 
 
+def read_trainer_state(directory: Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / TRAINER_STATE).read_text())
+
+
 def run_fingerprint(cfg: DictConfig, world_size: int, strategy: str) -> dict[str, Any]:
     """What must not change between a checkpoint and the run resuming it (data order, shapes, sharding)."""
     training = cfg.training
@@ -236,7 +240,7 @@ class Checkpointer:
         """Restore weights, optimizer, scheduler, RNG and scaler; return the trainer state saved with them."""
         kwargs = {"load_module_strict": False} if self.deepspeed else {}
         self.accelerator.load_state(str(directory), **kwargs)
-        return json.loads((directory / TRAINER_STATE).read_text())
+        return read_trainer_state(directory)
 
     def remove_all(self) -> int:
         """Delete an earlier run's checkpoints (training.resume=false in a used output_dir)."""

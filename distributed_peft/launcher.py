@@ -15,8 +15,10 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from omegaconf import DictConfig
 
 from distributed_peft.cli import check_overrides, report_user_error
 from distributed_peft.config import PROJECT_ROOT
-from distributed_peft.errors import USER_ERROR_EXIT_CODE, ConfigError, DpeftError
+from distributed_peft.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError, DpeftError
 
 LAUNCH_TEMPLATES = PROJECT_ROOT / "launch"
 
@@ -144,7 +146,37 @@ def main(argv: list[str] | None = None) -> int:
     if dry_run:
         return 0
     sys.stdout.flush()
-    return subprocess.call(command, env=env)
+    return run_forwarding_sigterm(command, env, Path(cfg.output_dir))
+
+
+def run_forwarding_sigterm(command: list[str], env: dict[str, str], output_dir: Path) -> int:
+    """Run the launch; a SIGTERM (SLURM pre-emption, `scancel`) is passed on so every rank checkpoints and stops.
+
+    Returns the launch's exit code, or PREEMPTED_EXIT_CODE when a SIGTERM stopped it after its checkpoint.
+    """
+    from distributed_peft.checkpoint import TRAINER_STATE, list_checkpoints
+
+    started = time.time()
+    process = subprocess.Popen(command, env=env)
+    terminated = []
+
+    def forward(signum, frame):
+        terminated.append(signum)
+        process.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        code = process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        newest = next(iter(list_checkpoints(output_dir)), None)
+        if newest is not None and newest.stat().st_mtime >= started:
+            state = json.loads((newest / TRAINER_STATE).read_text())
+            if state.get("reason") == "sigterm":
+                print(f"dpeft-launch: preempted: checkpoint {newest}; rerun the same command to resume", flush=True)
+                return PREEMPTED_EXIT_CODE
+    return code
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class FinetuneRecipe:
 
         from distributed_peft import batching
         from distributed_peft.atomic_files import atomic_write_text, check_writable, remove_leftovers
-        from distributed_peft.checkpoint import resolve_resume
+        from distributed_peft.checkpoint import check_same_run, read_trainer_state, resolve_resume, run_fingerprint
         from distributed_peft.config import SHARDED_PARAMETER_STRATEGIES
         from distributed_peft.data import collate_padded, prepare_task_data
         from distributed_peft.distributed import build_accelerator, check_launch_matches
@@ -66,6 +66,9 @@ class FinetuneRecipe:
         self.strategy = check_launch_matches(cfg, accelerator)
         check_writable(self.run_dir)
         self.resume_from = resolve_resume(cfg, say=self.print)  # a bad resume path fails before any model loads
+        self.fingerprint = run_fingerprint(cfg, accelerator.num_processes, self.strategy)
+        if self.resume_from is not None:
+            check_same_run(read_trainer_state(self.resume_from)["run"], self.fingerprint, self.resume_from)
         set_seed(training.seed)
         with accelerator.main_process_first():  # rank 0 builds the embedded base, the others find it cached
             self.base_path, self.base_identity = resolve_base(cfg.model)
@@ -122,10 +125,9 @@ class FinetuneRecipe:
 
     def _setup_checkpoints(self, trainable_params: int) -> None:
         """Periodic checkpoints, and the resume: weights, optimizer, scheduler, RNG and the data position."""
-        from distributed_peft.checkpoint import Checkpointer, check_disk_space, check_same_run, run_fingerprint
+        from distributed_peft.checkpoint import Checkpointer, check_disk_space
 
         cfg, accelerator = self.cfg, self.accelerator
-        self.fingerprint = run_fingerprint(cfg, accelerator.num_processes, self.strategy)
         check_disk_space(self.run_dir, trainable_params, cfg.training.keep_checkpoints)
         self.checkpoints = Checkpointer(accelerator, self.run_dir, cfg.training.keep_checkpoints)
         accelerator.register_for_checkpointing(self.scheduler)
@@ -135,7 +137,6 @@ class FinetuneRecipe:
                 self.print(f"training.resume={cfg.training.resume}: removed {removed} checkpoint(s) of an earlier run")
             return
         state = self.checkpoints.load(self.resume_from)
-        check_same_run(state["run"], self.fingerprint, self.resume_from)
         self.start_step, self.nonfinite_steps = state["step"], state["nonfinite_steps"]
         self.tokens_seen, self.inputs_seen = state["tokens_seen"], state["input_tokens_seen"]
         self.seconds_before = state["seconds"]

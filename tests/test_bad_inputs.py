@@ -9,6 +9,8 @@ import shutil
 import pytest
 from conftest import PROJECT_ROOT, run_entry
 
+from distributed_peft.checkpoint import MARKER, TRAINER_STATE, _manifest
+
 GOOD = {"prompt": "Translate: hello", "completion": "bonjour"}
 
 
@@ -57,6 +59,7 @@ CASES = [
     ("token_budget_below_seq_len", "dpeft-train", ["training.tokens_per_batch=10"], "training.tokens_per_batch=10"),
     ("missing_resume_path", "dpeft-train", ["training.resume={tmp}/no-ckpt"], "does not exist; allowed: auto, false"),
     ("resume_from_non_checkpoint", "dpeft-train", ["training.resume={tmp}"], "is not a complete checkpoint: no"),
+    ("checkpoint_of_another_run", "dpeft-train", ["training.resume={tmp}/other"], "belongs to a different run (task"),
     ("output_dir_under_a_file", "dpeft-train", ["output_dir={tmp}/a-file/run"], "is not writable"),
     ("missing_adapter_path", "dpeft-eval", ["adapter={tmp}/no-adapter"], "is not a distributed-peft adapter directory"),
     ("missing_generate_adapter", "dpeft-generate", ["adapters=[{tmp}/none]", "prompt=hi"], "is not a directory"),
@@ -73,6 +76,12 @@ def test_bad_input_is_one_line_nonzero_exit_and_no_partial_output(
         (tmp_path / file_name).write_bytes(content)
     if name == "output_dir_under_a_file":
         (tmp_path / "a-file").write_text("not a directory")
+    if name == "checkpoint_of_another_run":  # a complete checkpoint, made by an sql run with another batch size
+        other = tmp_path / "other"
+        other.mkdir()
+        run = {"task": "sql", "model": "tiny-llama", "micro_batch_size": 2}
+        (other / TRAINER_STATE).write_text(json.dumps({"step": 4, "run": run}))
+        (other / MARKER).write_text(json.dumps({"step": 4, "files": _manifest(other)}))
     if name == "mismatched_base":
         copy = shutil.copytree(PROJECT_ROOT / "adapters_prebuilt" / "sql", tmp_path / "mismatched")
         metadata = json.loads((copy / "dpeft_adapter.json").read_text())

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,10 +49,25 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+class Started(subprocess.Popen):
+    """A run in the background whose output goes to temporary files (a pipe nobody reads could fill and block it)."""
+
+    def __init__(self, cmd: list[str]):
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        super().__init__(cmd, cwd=PROJECT_ROOT, stdout=self.out, stderr=self.err, text=True, start_new_session=True)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout=timeout)
+        return tuple(self._read(f) for f in (self.out, self.err))
+
+    @staticmethod
+    def _read(f) -> str:
+        f.seek(0)
+        return f.read()
+
+
+def start(cmd: list[str]) -> Started:
+    return Started(cmd)
 
 
 def wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -144,7 +160,7 @@ ZERO2 = ["distributed=zero2", "num_gpu_workers=2", "training.packing=group_by_le
 
 
 @pytest.mark.slow
-def test_zero2_two_processes_killed_and_resumed_match_an_uninterrupted_zero2_run(tmp_path, bases):
+def test_zero2_two_processes_killed_then_preempted_resume_to_the_uninterrupted_adapter(tmp_path, bases):
     def launch(out: Path, *extra: str) -> list[str]:
         return [str(BIN / "dpeft-launch"), *RUN, *ZERO2, f"output_dir={out}", "main_process_port=29701", *extra]
 
@@ -161,8 +177,20 @@ def test_zero2_two_processes_killed_and_resumed_match_an_uninterrupted_zero2_run
     shards = sorted(p.name for p in newest.rglob("*optim_states.pt"))
     assert len(shards) == 2, f"each rank saves its own optimizer shard: {shards}"
 
+    # The resumed launch is pre-empted in turn: SIGTERM to dpeft-launch reaches both ranks through accelerate's
+    # launcher; they stop at the same step boundary, checkpoint, and the launch exits 75.
+    proc = start(command)
+    wait_for_checkpoint(out, 12, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, f"{stdout[-3000:]}\n{stderr[-3000:]}"
+    assert f"resume: continuing from {newest}" in stdout
+    preempted = list_checkpoints(out)[0]
+    assert json.loads((preempted / TRAINER_STATE).read_text())["reason"] == "sigterm"
+    assert f"dpeft-launch: preempted: checkpoint {preempted}" in stdout
+
     resumed = run(command)
-    assert f"resume: continuing from {newest}" in resumed.stdout
+    assert f"resume: continuing from {preempted}" in resumed.stdout
     assert train_steps_logged(out) == list(range(1, 17))
     assert max_adapter_difference(out, reference) <= TOLERANCE
     tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
