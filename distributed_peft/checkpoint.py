@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from distributed_peft.atomic_files import TMP_PREFIX, atomic_write_text, storage_error
+from distributed_peft.atomic_files import TMP_PREFIX, atomic_write_text, remove_leftovers, storage_error
 from distributed_peft.config import RESUME_OFF
 from distributed_peft.errors import ConfigError, StorageError
 
@@ -170,6 +170,8 @@ class Checkpointer:
     def __init__(self, accelerator, run_dir: Path, keep: int):
         self.accelerator, self.run_dir, self.keep = accelerator, Path(run_dir), keep
         self.deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+        if accelerator.is_main_process:
+            remove_leftovers(self.run_dir / CHECKPOINTS_DIR)  # `.tmp-step-N` of a save that a kill interrupted
         accelerator.register_save_state_pre_hook(self._keep_trainable_weights)
         accelerator.register_load_state_pre_hook(self._load_trainable_weights)
 
