@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +46,50 @@ def read_adapter_metadata(directory: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def recorded_recipe(metadata: dict[str, Any]) -> str | None:
+    """The recipe digest of the embedded base an adapter's recorded run config names, None for any other base."""
+    from distributed_peft.config import load_recorded_config
+    from distributed_peft.embedded_base import recipe_digest
+
+    if not metadata.get("config"):
+        return None
+    model_cfg = load_recorded_config(metadata["config"]).model
+    return recipe_digest(model_cfg) if model_cfg.embedded else None
+
+
 def check_base_matches(metadata: dict[str, Any], base: BaseIdentity, allow_mismatch: bool = False) -> None:
-    """Refuse an adapter trained on another base (architecture or weights), unless the user insists."""
+    """Refuse an adapter trained on another base (architecture or weights), unless the user insists.
+
+    An embedded base is defined by its recipe: the same recipe built on another CPU has other last bits, so another
+    weights fingerprint. Such an adapter is accepted, with a one-line note on stderr.
+    """
     recorded = metadata["base"]
     problems = []
+    note = None
     if recorded["family"] != base.family:
         problems.append(f"architecture {recorded['family']!r} != base {base.family!r}")
     if recorded["fingerprint"] != base.fingerprint:
-        problems.append(f"base fingerprint {recorded['fingerprint'][:16]} != {base.fingerprint[:16]}")
+        same_recipe = (
+            base.recipe is not None
+            and recorded["name"] == base.name
+            and recorded["family"] == base.family
+            and recorded_recipe(metadata) == base.recipe
+        )
+        if same_recipe:
+            note = (
+                f"note: adapter {metadata.get('task', '?')} was trained on embedded base {base.name} built on another "
+                f"machine (weights fingerprint {recorded['fingerprint'][:8]}... != {base.fingerprint[:8]}...); "
+                f"same recipe {base.recipe}, loading it"
+            )
+        else:
+            problems.append(f"base fingerprint {recorded['fingerprint'][:16]} != {base.fingerprint[:16]}")
     if problems and not allow_mismatch:
         raise AdapterError(
             f"adapter trained on {recorded['name']} does not match base {base.name}: {'; '.join(problems)}; "
             "pass allow_base_mismatch=true to load it anyway"
         )
+    if note and not problems:
+        print(note, file=sys.stderr, flush=True)
 
 
 def load_adapter(base_model, directory: str | Path, adapter_name: str = "default"):
@@ -88,7 +120,8 @@ def recorded_base(metadata: dict[str, Any]):
 def load_matching_base(adapter_dirs: list[str | Path], allow_mismatch: bool = False, device: str = "cpu"):
     """The base the adapters were trained on, loaded once as the first was trained (4-bit for QLoRA).
 
-    Returns (base, tokenizer, metadatas); every adapter must record this base's fingerprint and architecture.
+    Returns (base, tokenizer, metadatas); every adapter must record this base's fingerprint (or, for an embedded
+    base, its recipe) and architecture.
     """
     from distributed_peft.model import load_base_model, load_tokenizer
 

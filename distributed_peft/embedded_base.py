@@ -48,13 +48,22 @@ def corpus_texts() -> list[str]:
     return texts
 
 
-def base_dir(model_cfg: DictConfig) -> Path:
-    """Cache directory of an embedded base: changes whenever its shape, seed, pretraining or corpora change."""
+def recipe_digest(model_cfg: DictConfig) -> str:
+    """12 hex digits naming an embedded base's recipe: family, shape, seed, pretraining and corpora.
+
+    The same recipe builds the same weights on one machine; another CPU may round the last bits differently, so this
+    (not the weights fingerprint) is what identifies an embedded base across machines.
+    """
     recipe = {"family": model_cfg.family, "base": OmegaConf.to_container(model_cfg.base, resolve=True)}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
     for path in corpus_files():
         digest.update(path.read_bytes())
-    return dpeft_home() / "bases" / f"{model_cfg.name}-{digest.hexdigest()[:12]}"
+    return digest.hexdigest()[:12]
+
+
+def base_dir(model_cfg: DictConfig) -> Path:
+    """Cache directory of an embedded base: changes whenever its shape, seed, pretraining or corpora change."""
+    return dpeft_home() / "bases" / f"{model_cfg.name}-{recipe_digest(model_cfg)}"
 
 
 def weights_fingerprint(model_dir: str | Path) -> str:

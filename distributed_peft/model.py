@@ -22,19 +22,21 @@ class BaseIdentity:
     family: str
     name_or_path: str
     fingerprint: str
+    recipe: str | None = None  # recipe digest of an embedded base (embedded_base.recipe_digest), else None
 
     def to_dict(self) -> dict[str, str]:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if value is not None}
 
 
 def resolve_base(model_cfg: DictConfig) -> tuple[str, BaseIdentity]:
     """The directory or hub id to load, and the base's identity (weights sha256 for embedded bases)."""
     if model_cfg.embedded:
-        from distributed_peft.embedded_base import base_metadata, build_base
+        from distributed_peft.embedded_base import base_metadata, build_base, recipe_digest
 
         directory = build_base(model_cfg)
         fingerprint = base_metadata(directory)["fingerprint"]
-        return str(directory), BaseIdentity(model_cfg.name, model_cfg.family, model_cfg.name, fingerprint)
+        identity = BaseIdentity(model_cfg.name, model_cfg.family, model_cfg.name, fingerprint, recipe_digest(model_cfg))
+        return str(directory), identity
     path = model_cfg.name_or_path
     if Path(path).is_dir():
         from distributed_peft.embedded_base import weights_fingerprint

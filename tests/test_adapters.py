@@ -60,18 +60,29 @@ def test_switching_adapters_gives_what_each_adapter_alone_gives(trained):
     assert both["sql"]["adapter"].upper().startswith("SELECT")
 
 
+def copy_adapter(source: Path, target: Path, edit) -> Path:
+    """A copy of an adapter whose dpeft_adapter.json is changed by edit(metadata)."""
+    shutil.copytree(source, target)
+    metadata = json.loads((target / "dpeft_adapter.json").read_text())
+    edit(metadata)
+    (target / "dpeft_adapter.json").write_text(json.dumps(metadata))
+    return target
+
+
 def test_an_adapter_trained_on_another_base_is_refused(trained, tmp_path):
-    foreign = tmp_path / "foreign"
-    shutil.copytree(trained["sql"], foreign)
-    metadata = json.loads((foreign / "dpeft_adapter.json").read_text())
-    metadata["base"]["fingerprint"] = "0" * 64
-    (foreign / "dpeft_adapter.json").write_text(json.dumps(metadata))
+    def another_recipe(metadata):  # another seed: another embedded base, whatever machine builds it
+        metadata["config"]["model"]["base"]["seed"] += 1
+        metadata["base"]["fingerprint"] = "0" * 64
+
+    genuine = trained["sql"]
+    foreign = copy_adapter(genuine, tmp_path / "foreign", another_recipe)
+    # the base loads from the first adapter's config (the cached base): only the foreign one is checked against it
     with pytest.raises(AdapterError, match="does not match base tiny-llama: base fingerprint 0000000000000000 != "):
-        load_base_with_adapters([foreign])
-    model, *_ = load_base_with_adapters([foreign], allow_mismatch=True)
-    assert model.active_adapter == "sql"
+        load_base_with_adapters([genuine, foreign])
+    model, _, names, _ = load_base_with_adapters([genuine, foreign], allow_mismatch=True)
+    assert names == ["sql", "sql-1"] and model.active_adapter == "sql"
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "dpeft-generate"), f"adapters=[{foreign}]", "prompt=hi"],
+        [str(Path(sys.executable).parent / "dpeft-generate"), f"adapters=[{genuine},{foreign}]", "prompt=hi"],
         capture_output=True,
         text=True,
         cwd=PROJECT_ROOT,
@@ -79,6 +90,23 @@ def test_an_adapter_trained_on_another_base_is_refused(trained, tmp_path):
     )
     assert proc.returncode == 2 and "pass allow_base_mismatch=true to load it anyway" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_embedded_base_rebuilt_on_another_machine_is_accepted_by_recipe(trained, tmp_path, capsys):
+    def other_machine(metadata):  # same recipe, other last bits of the weights
+        metadata["base"]["fingerprint"] = "0" * 64
+
+    rebuilt = copy_adapter(trained["sql"], tmp_path / "rebuilt", other_machine)
+    capsys.readouterr()
+    model, *_ = load_base_with_adapters([rebuilt])
+    assert model.active_adapter == "sql"
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1, notes
+    assert notes[0].startswith(
+        "note: adapter sql was trained on embedded base tiny-llama built on another machine "
+        "(weights fingerprint 00000000... != "
+    )
+    assert notes[0].endswith("loading it") and "same recipe " in notes[0]
 
 
 @pytest.mark.parametrize("which", ["detox", "detox-lora"])
