@@ -111,8 +111,9 @@ class LengthAwareBatchSampler(torch.utils.data.Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
+        # No implicit epoch advance: accelerate's BatchSamplerShard iterates again to even out the last batches of
+        # an epoch, and those must come from the same epoch's plan. The training loop calls set_epoch.
         yield from self._batches
-        self.set_epoch(self.epoch + 1)  # the next pass gets its own order even if nobody calls set_epoch
 
     def __len__(self) -> int:
         return len(self._batches)

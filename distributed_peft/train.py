@@ -95,6 +95,8 @@ class FinetuneRecipe:
 
         train_loader = batching.train_loader(self.data.train, cfg, self.tokenizer.pad_token_id)
         self.sampler_generator = getattr(train_loader.sampler, "generator", None)  # plain shuffled batches
+        # accelerate's set_epoch does not reach a batch sampler wrapped in its BatchSamplerShard: keep a handle
+        self.length_sampler = train_loader.batch_sampler if hasattr(train_loader.batch_sampler, "set_epoch") else None
         eval_loader = torch.utils.data.DataLoader(
             self.data.eval,
             batch_size=training.eval_batch_size,
@@ -177,6 +179,8 @@ class FinetuneRecipe:
         while True:
             if hasattr(self.train_loader, "set_epoch"):
                 self.train_loader.set_epoch(epoch)
+            if self.length_sampler is not None:  # grouped or packed batches: the epoch's plan
+                self.length_sampler.set_epoch(epoch)
             if self.sampler_generator is not None:  # a shuffled DataLoader: its order comes from this generator
                 from distributed_peft.checkpoint import decode_generator_state, encode_generator_state
 
