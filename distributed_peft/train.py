@@ -220,7 +220,7 @@ class FinetuneRecipe:
             with accelerator.accumulate(model):
                 keep = loss_positions(batch["labels"])  # no vocabulary projection for prompt positions
                 logits = model(**model_inputs(batch), logits_to_keep=keep).logits
-                batch_loss_sum = token_stats(logits, batch["labels"][:, keep + 1])["loss_sum"].sum()
+                batch_loss_sum = token_stats(logits, batch["labels"][:, keep + 1], accuracy=False)["loss_sum"].sum()
                 finite = math.isfinite(batch_loss_sum.item())
                 if global_sum(accelerator, not finite) > 0:
                     skipped = True
