@@ -101,6 +101,14 @@ def train_steps_logged(out: Path) -> list[int]:
     return [row["step"] for row in rows if "train/loss" in row]
 
 
+def start_until_checkpoint(out: Path, step: int) -> tuple[list[str], Started]:
+    """Start the checkpointing run in the background and return once its checkpoint at `step` is complete."""
+    command = train_command(out, *CHECKPOINTED)
+    proc = start(command)
+    wait_for_checkpoint(out, step, proc)
+    return command, proc
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, bases) -> Path:
     """The reference: the same run in one go, without checkpoints."""
@@ -113,9 +121,7 @@ def uninterrupted(tmp_path_factory, bases) -> Path:
 @pytest.mark.slow
 def test_kill9_after_a_checkpoint_then_the_same_command_resumes_exactly(uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    command = train_command(out, *CHECKPOINTED)
-    proc = start(command)
-    wait_for_checkpoint(out, 8, proc)
+    command, proc = start_until_checkpoint(out, 8)
     kill_tree(proc)
     assert not (out / "adapter").exists(), "a killed run must not leave an adapter behind"
     newest = list_checkpoints(out)[0]
@@ -144,9 +150,7 @@ def test_kill9_after_a_checkpoint_then_the_same_command_resumes_exactly(uninterr
 @pytest.mark.slow
 def test_sigterm_checkpoints_at_a_step_boundary_exits_75_and_resumes(uninterrupted, tmp_path):
     out = tmp_path / "preempted"
-    command = train_command(out, *CHECKPOINTED)
-    proc = start(command)
-    wait_for_checkpoint(out, 4, proc)
+    command, proc = start_until_checkpoint(out, 4)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
