@@ -223,8 +223,10 @@ class Checkpointer:
                     shutil.rmtree(final)
                 os.replace(tmp, final)
                 self._prune()
-            except (OSError, StorageError) as exc:
-                failure = exc if isinstance(exc, OSError) else OSError(str(exc))
+            except OSError as exc:
+                failure = exc
+            except StorageError as exc:  # the marker's own atomic write: it already names the path
+                failure = OSError(exc.problems[0])
         if global_sum(accelerator, failure is not None) > 0:
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -174,6 +174,8 @@ class FinetuneRecipe:
 
         Starts where a resumed checkpoint stopped: the same epoch order, its first micro batches skipped.
         """
+        from distributed_peft.checkpoint import decode_generator_state, encode_generator_state
+
         epoch, skip, generator_state = getattr(self, "resume_position", (0, 0, None))
         accumulation = self.cfg.training.gradient_accumulation_steps
         while True:
@@ -182,8 +184,6 @@ class FinetuneRecipe:
             if self.length_sampler is not None:  # grouped or packed batches: the epoch's plan
                 self.length_sampler.set_epoch(epoch)
             if self.sampler_generator is not None:  # a shuffled DataLoader: its order comes from this generator
-                from distributed_peft.checkpoint import decode_generator_state, encode_generator_state
-
                 if generator_state is not None:
                     self.sampler_generator.set_state(decode_generator_state(generator_state))
                 self.epoch_generator_state = encode_generator_state(self.sampler_generator)
