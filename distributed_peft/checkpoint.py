@@ -95,7 +95,7 @@ def resolve_resume(cfg: DictConfig, say=print) -> Path | None:
     choice = str(cfg.training.resume)
     if choice.lower() in RESUME_OFF:
         return None
-    if choice == "auto":
+    if choice in ("auto", "force"):
         return newest_complete_checkpoint(Path(cfg.output_dir), say)
     path = Path(choice)
     if (path / CHECKPOINTS_DIR).is_dir():  # a run directory: its newest complete checkpoint
@@ -113,32 +113,89 @@ def read_trainer_state(directory: Path) -> dict[str, Any]:
     return json.loads((Path(directory) / TRAINER_STATE).read_text())
 
 
+# Options that cannot change the trained weights: they may differ between a checkpoint and the run resuming it.
+FREE_KEYS = (
+    "logging.",
+    "evaluation.",
+    "output_dir",
+    "adapter",
+    "allow_base_mismatch",
+    "num_gpu_workers",  # the world size is recorded instead
+    "num_machines",
+    "machine_rank",
+    "main_process_ip",
+    "main_process_port",
+    "distributed.timeout_s",
+    "task.description",
+    "task.metrics",
+    "training.eval_steps",
+    "training.eval_batch_size",
+    "training.checkpoint_every",
+    "training.keep_checkpoints",
+    "training.resume",
+    "training.max_nonfinite_steps",
+)
+MAX_LISTED_CHANGES = 6
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def data_identity(cfg: DictConfig) -> dict[str, Any]:
+    """Where the training examples come from and, for a file, its size and content hash."""
+    from distributed_peft.config import SAMPLE_DATA_DIR, resolve_data_source
+
+    data = cfg.task.data
+    source = resolve_data_source(data)
+    if source == "hub":
+        return {"data.hub": f"{data.hub_id} {data.hub_config or ''} {data.hub_split}".strip()}
+    path = SAMPLE_DATA_DIR / data.sample_file if source == "sample" else Path(data.path)
+    return {"data.file": str(path.resolve()), "data.bytes": path.stat().st_size, "data.sha256": _sha256(path)}
+
+
 def run_fingerprint(cfg: DictConfig, world_size: int, strategy: str) -> dict[str, Any]:
-    """What must not change between a checkpoint and the run resuming it (data order, shapes, sharding)."""
-    training = cfg.training
-    return {
-        "task": cfg.task.name,
-        "model": cfg.model.name,
-        "peft": f"{cfg.peft.method} r={cfg.peft.r}",
-        "seed": training.seed,
-        "micro_batch_size": training.micro_batch_size,
-        "gradient_accumulation_steps": training.gradient_accumulation_steps,
-        "packing": training.packing,
-        "tokens_per_batch": training.tokens_per_batch,
-        "world_size": world_size,
-        "strategy": strategy,
-    }
+    """Everything that changes the result: the resolved config less FREE_KEYS, the data file, world size, strategy.
+
+    The base's weights fingerprint is added once the base is resolved (`base.fingerprint`).
+    """
+    from omegaconf import OmegaConf
+
+    settings = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    kept = {k: v for k, v in settings.items() if not any(k == f or k.startswith(f) for f in FREE_KEYS)}
+    return {**kept, **data_identity(cfg), "world_size": world_size, "strategy": strategy}
 
 
-def check_same_run(recorded: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
-    changed = [
-        f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in current.items() if recorded.get(key) != value
-    ]
-    if changed:
+def changed_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key old -> new` for every setting of `current` that the checkpoint recorded differently."""
+    changed = []
+    for key, value in current.items():
+        before = recorded.get(key)
+        if before != value:
+            shown = [str(v)[:12] + "..." if key.endswith("sha256") and v else repr(v) for v in (before, value)]
+            changed.append(f"{key} {shown[0]} -> {shown[1]}")
+    return changed
+
+
+def check_same_run(recorded: dict[str, Any], current: dict[str, Any], checkpoint: Path, force: bool) -> list[str]:
+    """Refuse to resume a checkpoint made with other settings (one line naming them), unless forced.
+
+    Returns the changed settings (empty when it is the same run); with force they are the caller's to record.
+    """
+    changed = changed_settings(recorded, current)
+    if changed and not force:
+        listed = "; ".join(changed[:MAX_LISTED_CHANGES])
+        more = f" and {len(changed) - MAX_LISTED_CHANGES} more" if len(changed) > MAX_LISTED_CHANGES else ""
         raise ConfigError(
-            f"training.resume: checkpoint {checkpoint} belongs to a different run ({'; '.join(changed)}); "
-            "allowed: the same settings, a new output_dir, or training.resume=false"
+            f"training.resume: checkpoint {checkpoint} was made with other settings ({listed}{more}); "
+            "rerun with training.resume=false to start over, or training.resume=force to continue anyway"
         )
+    return changed
 
 
 def encode_generator_state(generator: torch.Generator | None) -> str | None:

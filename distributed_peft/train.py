@@ -10,9 +10,10 @@ The loop does not know the strategy: `accelerate launch` and the `distributed` g
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import shlex
-import signal
 import sys
 import time
 import warnings
@@ -23,9 +24,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from distributed_peft import termination
+from distributed_peft.atomic_files import atomic_write_text, check_writable, remove_leftovers
 from distributed_peft.cli import hydra_app
 from distributed_peft.config import lora_targets, to_yaml
-from distributed_peft.errors import ConfigError, Preempted, TrainingDiverged
+from distributed_peft.errors import ConfigError, DataError, Preempted, TrainingDiverged
 
 
 class FinetuneRecipe:
@@ -38,13 +41,16 @@ class FinetuneRecipe:
         self.start_step, self.nonfinite_steps = 0, 0
         self.tokens_seen = self.inputs_seen = self.seconds_before = 0.0
         self.epoch_generator_state: str | None = None
+        self.claim = self.lock = None
+        self.resume_changes: list[str] = []
+        self.step_done = 0
+        self.forced_resumes: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
         from distributed_peft import batching
-        from distributed_peft.atomic_files import atomic_write_text, check_writable, remove_leftovers
         from distributed_peft.checkpoint import check_same_run, read_trainer_state, resolve_resume, run_fingerprint
         from distributed_peft.config import SHARDED_PARAMETER_STRATEGIES
         from distributed_peft.data import collate_padded, prepare_task_data
@@ -64,22 +70,26 @@ class FinetuneRecipe:
             raise ConfigError(f"training.optimizer={training.optimizer!r} needs CUDA; allowed here: adamw_torch")
         self.accelerator = accelerator = build_accelerator(cfg)
         self.strategy = check_launch_matches(cfg, accelerator)
-        check_writable(self.run_dir)
+        self._claim_run_dir()  # before anything is read from or written to output_dir
         self.resume_from = resolve_resume(cfg, say=self.print)  # a bad resume path fails before any model loads
         self.fingerprint = run_fingerprint(cfg, accelerator.num_processes, self.strategy)
+        force = str(training.resume) == "force"
         if self.resume_from is not None:
-            check_same_run(read_trainer_state(self.resume_from)["run"], self.fingerprint, self.resume_from)
+            recorded = read_trainer_state(self.resume_from)
+            self.resume_changes = check_same_run(recorded["run"], self.fingerprint, self.resume_from, force)
         set_seed(training.seed)
-        with accelerator.main_process_first():  # rank 0 builds the embedded base, the others find it cached
-            self.base_path, self.base_identity = resolve_base(cfg.model)
+        with termination.phase("preparing the base model"), accelerator.main_process_first():
+            self.base_path, self.base_identity = resolve_base(cfg.model)  # rank 0 builds an embedded base
+        self.fingerprint["base.fingerprint"] = self.base_identity.fingerprint
+        if self.resume_from is not None:  # the same settings on another base is another run too
+            self.resume_changes = check_same_run(recorded["run"], self.fingerprint, self.resume_from, force)
+            if self.resume_changes:
+                self.print(f"resume: training.resume=force: continuing although {'; '.join(self.resume_changes)}")
         self.tokenizer = load_tokenizer(self.base_path)
-        self.data = prepare_task_data(cfg, self.tokenizer)  # data problems surface before the model loads
+        with termination.phase("loading and tokenizing the data"):
+            self.print(f"data: loading task {cfg.task.name} ...")
+            self.data = prepare_task_data(cfg, self.tokenizer)  # data problems surface before the model loads
         self.print(self.data.stats.summary())
-        if accelerator.is_main_process:  # the first files of the run: config and data are known to be usable
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            remove_leftovers(self.run_dir)
-            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
-            atomic_write_text(self.run_dir / "split.json", self.data.stats.to_json())
 
         base = load_base_model(
             cfg,
@@ -107,7 +117,10 @@ class FinetuneRecipe:
             model, optimizer, train_loader, eval_loader
         )
         micro_steps_per_epoch = len(self.train_loader)
-        steps_per_epoch = max(1, micro_steps_per_epoch // training.gradient_accumulation_steps)
+        if micro_steps_per_epoch == 0:
+            raise DataError("task.data: no training micro batch on this process; allowed: more training examples")
+        # the last window of an epoch may hold fewer micro batches than gradient_accumulation_steps: still a step
+        steps_per_epoch = math.ceil(micro_steps_per_epoch / training.gradient_accumulation_steps)
         self.total_steps = (
             training.max_steps if training.max_steps > 0 else math.ceil(training.epochs * steps_per_epoch)
         )
@@ -123,11 +136,42 @@ class FinetuneRecipe:
             f"{self.total_steps} optimizer steps; strategy {self.strategy}; packing {training.packing}"
         )
         self._setup_checkpoints(trainable)
+        if accelerator.is_main_process:  # the run's first files: settings, data and model are known to be usable
+            remove_leftovers(self.run_dir)
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+            atomic_write_text(self.run_dir / "split.json", self.data.stats.to_json())
         self.log = RunLog(cfg, self.run_dir, accelerator.is_main_process, resume_step=self.start_step or None)
+
+    def _claim_run_dir(self) -> None:
+        """Rank 0 checks output_dir is absent, empty or ours, marks it and locks it; every rank learns the outcome."""
+        from distributed_peft.distributed import global_sum
+        from distributed_peft.errors import StorageError
+        from distributed_peft.output_dirs import DirectoryLock, claim_output_dir
+
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                check_writable(self.run_dir)
+                self.claim = claim_output_dir(self.run_dir)
+                self.lock = DirectoryLock(self.run_dir).acquire()
+            except StorageError as exc:
+                error = exc
+                self.abandon()
+        if global_sum(self.accelerator, error is not None) > 0:
+            raise error or StorageError(f"output_dir={str(self.run_dir)!r} could not be claimed by rank 0")
+
+    def abandon(self) -> None:
+        """After a failed setup: release the lock and remove only what this run created in output_dir."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
     def _setup_checkpoints(self, trainable_params: int) -> None:
         """Periodic checkpoints, and the resume: weights, optimizer, scheduler, RNG and the data position."""
-        from distributed_peft.checkpoint import Checkpointer, check_disk_space
+        from distributed_peft.checkpoint import Checkpointer, check_disk_space, read_trainer_state
 
         cfg, accelerator = self.cfg, self.accelerator
         check_disk_space(self.run_dir, trainable_params, cfg.training.keep_checkpoints)
@@ -138,7 +182,18 @@ class FinetuneRecipe:
             if removed:
                 self.print(f"training.resume={cfg.training.resume}: removed {removed} checkpoint(s) of an earlier run")
             return
+        state = read_trainer_state(self.resume_from)
+        if state["step"] > self.total_steps:
+            raise ConfigError(
+                f"training.resume: checkpoint {self.resume_from} is at step {state['step']}, past this run's "
+                f"{self.total_steps} optimizer steps; allowed: training.resume=false to start over, or more steps"
+            )
         state = self.checkpoints.load(self.resume_from)
+        self.forced_resumes = [*state.get("forced_resumes", [])]
+        if self.resume_changes:
+            self.forced_resumes.append({"checkpoint": str(self.resume_from), "changed": self.resume_changes})
+        if self.resume_changes:  # forced: the optimizer's and schedule's saved settings yield to this run's
+            self._apply_optimizer_settings()
         self.start_step, self.nonfinite_steps = state["step"], state["nonfinite_steps"]
         self.tokens_seen, self.inputs_seen = state["tokens_seen"], state["input_tokens_seen"]
         self.seconds_before = state["seconds"]
@@ -147,6 +202,13 @@ class FinetuneRecipe:
             f"resume: continuing from {self.resume_from} (step {self.start_step} of {self.total_steps}, "
             f"epoch {state['epoch']}, {state['micro_batches_done']} micro batches into it)"
         )
+
+    def _apply_optimizer_settings(self) -> None:
+        """Learning rate and weight decay from this run's config (a loaded checkpoint restores its own)."""
+        training = self.cfg.training
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=training.lr, lr=training.lr, weight_decay=training.weight_decay)
+        self.scheduler.base_lrs = [training.lr for _ in self.scheduler.base_lrs]
 
     def _optimizer(self, model) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -196,6 +258,11 @@ class FinetuneRecipe:
                     self.position = (epoch, done)
                     yield window
                     window = []
+            if window:  # the epoch's last, partial window is a step of its own, never dropped
+                self.position = (epoch, done)
+                yield window
+            elif done == 0:
+                raise DataError("task.data: an epoch produced no micro batch; allowed: more training examples")
             epoch, skip, generator_state = epoch + 1, 0, None
 
     def train_step(self, window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -213,11 +280,12 @@ class FinetuneRecipe:
         local_tokens = sum(count_label_tokens(b["labels"]) for b in window)
         window_tokens = global_sum(accelerator, local_tokens)
         # accelerate divides by the accumulation steps and DDP averages over ranks: undo both so the
-        # gradient is that of (sum of token losses) / (tokens in the global batch).
+        # gradient is that of (sum of token losses) / (tokens in the global window), whatever the window's length.
         scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / max(window_tokens, 1.0)
         loss_sum, skipped, grad_norm = 0.0, False, None
-        for batch in window:
-            with accelerator.accumulate(model):
+        for index, batch in enumerate(window):
+            last = index == len(window) - 1
+            with accumulation_step(accelerator, model, sync=last):
                 keep = loss_positions(batch["labels"])  # no vocabulary projection for prompt positions
                 logits = model(**model_inputs(batch), logits_to_keep=keep).logits
                 batch_loss_sum = token_stats(logits, batch["labels"][:, keep + 1], accuracy=False)["loss_sum"].sum()
@@ -227,14 +295,14 @@ class FinetuneRecipe:
                     batch_loss_sum = self._zero_loss()
                 accelerator.backward(batch_loss_sum * scale)
                 loss_sum += batch_loss_sum.item()
-                if accelerator.sync_gradients and not skipped:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.cfg.training.max_grad_norm)
-                    if grad_norm is None and hasattr(model, "get_global_grad_norm"):  # DeepSpeed clips in its step
-                        grad_norm = model.get_global_grad_norm()
-                    skipped = grad_norm is not None and not math.isfinite(float(grad_norm))
-                if not (accelerator.sync_gradients and skipped):
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+        if not skipped:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.cfg.training.max_grad_norm)
+            if grad_norm is None and hasattr(model, "get_global_grad_norm"):  # DeepSpeed clips in its step
+                grad_norm = model.get_global_grad_norm()
+            skipped = grad_norm is not None and not math.isfinite(float(grad_norm))
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # a skipped step steps the schedule without the optimizer, on purpose
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before", UserWarning)
             self.scheduler.step()
@@ -255,9 +323,15 @@ class FinetuneRecipe:
         return sum((p * 0.0).sum() for p in self.model.parameters() if p.requires_grad)
 
     def evaluate(self) -> dict[str, float]:
+        from distributed_peft.distributed import global_sum
         from distributed_peft.evaluate import evaluate_loss
 
-        result = evaluate_loss(self.model, self.eval_loader, self.accelerator)
+        def stop() -> bool:  # SIGTERM during an evaluation between steps: every rank leaves it at the same batch
+            return global_sum(self.accelerator, termination.requested()) > 0
+
+        result = evaluate_loss(self.model, self.eval_loader, self.accelerator, stop=stop)
+        if result.get("stopped"):
+            return {}
         return {"eval/loss": result["loss"], "eval/token_accuracy": result["token_accuracy"]}
 
     def train(self) -> None:
@@ -278,10 +352,12 @@ class FinetuneRecipe:
             mininterval=0.5 if sys.stderr.isatty() else 10.0,
         )
         start, tokens_at_start, inputs_at_start = time.perf_counter(), self.tokens_seen, self.inputs_seen
+        self.step_done = self.start_step
         windows = self._windows()
-        with sigterm_flag() as sigterm:
+        with termination.deferred(), termination.phase("training"):
             for step in range(self.start_step + 1, self.total_steps + 1):
                 metrics = self.train_step(next(windows))
+                self.step_done = step
                 self.tokens_seen += metrics["train/tokens"]
                 self.inputs_seen += metrics["train/input_tokens"]
                 elapsed = time.perf_counter() - start  # this process's rate (a resumed run's earlier part excluded)
@@ -293,7 +369,8 @@ class FinetuneRecipe:
                 skipped = metrics["train/skipped_nonfinite"] > 0
                 self.nonfinite_steps += int(skipped)
                 if training.eval_steps and step % training.eval_steps == 0 and step < self.total_steps:
-                    metrics.update(self.evaluate())
+                    with termination.phase("evaluating"):
+                        metrics.update(self.evaluate())
                 if step % log_every == 0 or "eval/loss" in metrics or step == self.total_steps or skipped:
                     self.log.log(metrics, step)
                 if self.nonfinite_steps > training.max_nonfinite_steps:
@@ -304,7 +381,7 @@ class FinetuneRecipe:
                     pad=f"{metrics['train/padding_waste']:.0%}",
                 )
                 bar.update(1)
-                stop = global_sum(self.accelerator, sigterm.is_set()) > 0  # every rank stops at the same step
+                stop = global_sum(self.accelerator, termination.requested()) > 0  # every rank stops at the same step
                 due = training.checkpoint_every and step % training.checkpoint_every == 0
                 if (due and not skipped) or stop:
                     saved = self.save_checkpoint(step, elapsed, reason="sigterm" if stop else "periodic")
@@ -339,30 +416,76 @@ class FinetuneRecipe:
             "seconds": self.seconds_before + elapsed,
             "nonfinite_steps": self.nonfinite_steps,
             "run": self.fingerprint,
+            "forced_resumes": self.forced_resumes,
         }
-        return self.checkpoints.save(step, state)
+        with termination.deferred(), termination.phase("saving a checkpoint"):
+            return self.checkpoints.save(step, state)
 
     # ------------------------------------------------------------------------------------------------ save
     def save(self) -> dict[str, Any]:
-        """Final base-vs-adapter evaluation, then the adapter, reports, loss curve and model card."""
-        from distributed_peft.adapters import save_adapter
+        """The adapter first (nothing after training may lose it), then the base-vs-adapter evaluation, reports,
+        loss curve and model card."""
+        from distributed_peft.adapters import ADAPTER_METADATA, save_adapter
         from distributed_peft.evaluate import evaluate_base_and_adapter
         from distributed_peft.redaction import redact
         from distributed_peft.reports import plot_loss_curves, write_eval_reports, write_model_card
 
         cfg, accelerator = self.cfg, self.accelerator
-        results = evaluate_base_and_adapter(
-            self.model, self.eval_loader, accelerator, cfg, self.tokenizer, self.data.eval
-        )
+        metadata = self._adapter_metadata()
+        with termination.deferred(), termination.phase("saving the adapter"):
+            adapter_dir = save_adapter(accelerator, self.model, self.tokenizer, self.run_dir / "adapter", metadata)
+        self.print(f"adapter: {adapter_dir} ({metadata['run']['optimizer_steps']} optimizer steps)")
+        termination.raise_if_requested()
+        try:
+            with termination.phase("evaluating the adapter against the base"):
+                results = evaluate_base_and_adapter(
+                    self.model, self.eval_loader, accelerator, cfg, self.tokenizer, self.data.eval
+                )
+        except BaseException:
+            self.print(
+                f"note: the adapter is saved in {adapter_dir}; evaluate it with dpeft-eval adapter={adapter_dir}"
+            )
+            raise
         self.log.log(
             {
                 "eval/loss": results["adapter"]["loss"],
                 "eval/token_accuracy": results["adapter"]["token_accuracy"],
                 "eval/base_loss": results["base"]["loss"],
             },
-            self.total_steps,
+            self.step_done,
         )
-        metadata = {
+        metadata["eval"] = results
+        if accelerator.is_main_process:
+            atomic_write_text(adapter_dir / ADAPTER_METADATA, redact(json.dumps(metadata, indent=2, default=str)))
+            title = f"{cfg.task.name} adapter on {cfg.model.name}"
+            write_eval_reports(self.run_dir, results, title)
+            plot_loss_curves(self.run_dir, title)
+            for card in (self.run_dir / "README.md", adapter_dir / "README.md"):
+                write_model_card(card, metadata, results)
+            self.print(f"eval loss: base {results['base']['loss']:.4f} -> adapter {results['adapter']['loss']:.4f}")
+            self.print(f"report:  {self.run_dir / 'eval.md'}  (loss curve: loss.png)")
+        return results
+
+    def _adapter_metadata(self) -> dict[str, Any]:
+        """What dpeft_adapter.json records: task, base identity, LoRA options, the run's true counts, config."""
+        from distributed_peft.redaction import redact
+
+        cfg = self.cfg
+        run = {
+            "optimizer_steps": self.step_done,  # steps actually taken, resumed ones included
+            "planned_steps": self.total_steps,
+            "effective_batch": self.effective_batch,
+            "world_size": self.accelerator.num_processes,
+            "train_tokens": int(self.train_tokens),
+            "resumed_from_step": self.start_step,
+            "skipped_nonfinite_steps": self.nonfinite_steps,
+            "seconds": self.train_seconds,
+            "data": self.data.stats.summary().removeprefix("data: "),
+            "command": redact(shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])),
+        }
+        if self.forced_resumes:
+            run["forced_resumes"] = self.forced_resumes  # training.resume=force over changed settings
+        return {
             "task": cfg.task.name,
             "task_description": cfg.task.description,
             "base": self.base_identity.to_dict(),
@@ -372,56 +495,36 @@ class FinetuneRecipe:
                 "alpha": cfg.peft.alpha,
                 "target_modules": lora_targets(cfg),
             },
-            "run": {
-                "optimizer_steps": self.total_steps,
-                "effective_batch": self.effective_batch,
-                "world_size": accelerator.num_processes,
-                "train_tokens": int(self.train_tokens),
-                "resumed_from_step": self.start_step,
-                "seconds": self.train_seconds,
-                "data": self.data.stats.summary().removeprefix("data: "),
-                "command": redact(shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])),
-            },
-            "eval": results,
+            "run": run,
+            "eval": None,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
-        adapter_dir = save_adapter(accelerator, self.model, self.tokenizer, self.run_dir / "adapter", metadata)
-        if accelerator.is_main_process:
-            title = f"{cfg.task.name} adapter on {cfg.model.name}"
-            write_eval_reports(self.run_dir, results, title)
-            plot_loss_curves(self.run_dir, title)
-            for card in (self.run_dir / "README.md", adapter_dir / "README.md"):
-                write_model_card(card, metadata, results)
-            self.print(f"eval loss: base {results['base']['loss']:.4f} -> adapter {results['adapter']['loss']:.4f}")
-            self.print(f"adapter: {adapter_dir}\nreport:  {self.run_dir / 'eval.md'}  (loss curve: loss.png)")
-        return results
 
     def cleanup(self) -> None:
         self.log.close()
+        if self.lock is not None:
+            self.lock.release()
         self.accelerator.end_training()  # destroys the process group so the launcher exits cleanly
 
 
 @contextmanager
-def sigterm_flag():
-    """While training, SIGTERM (SLURM's pre-emption, a spot instance's notice) only raises a flag, checked at each
-    step boundary; outside the block the previous handler is back. Only the main thread can set handlers."""
-    import threading
-
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def accumulation_step(accelerator, model, sync: bool):
+    """One micro batch of an accumulation window: gradients are reduced across ranks (and DeepSpeed steps) only on
+    the window's last one. The window's length is ours to say: accelerate's own counter would take an epoch's
+    last, shorter window for a full one, or step on every micro batch at the end of the dataloader."""
+    accelerator.sync_gradients = sync
+    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        yield
 
 
 def run_training(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole recipe and return the final base-vs-adapter evaluation."""
     recipe = FinetuneRecipe(cfg)
-    recipe.setup()
+    try:
+        recipe.setup()
+    except BaseException:
+        recipe.abandon()  # nothing was trained: leave output_dir as it was
+        raise
     try:
         recipe.train()
         return recipe.save()
