@@ -6,16 +6,17 @@ Nothing here imports torch: a bad value is reported in a fraction of a second, b
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import os
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from distributed_peft.errors import ConfigError, DpeftError
 
@@ -40,6 +41,9 @@ WANDB_MODES = ("offline", "online", "disabled")
 PACKING_MODES = ("none", "group_by_length", "padding_free")
 PADDING_FREE_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
 RESUME_OFF = ("false", "no", "none", "off", "never")
+RESUME_FORCE = "force"  # continue from the newest checkpoint even when the run's settings changed
+MAX_SEED = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy too)
+HOST_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[?[0-9A-Fa-f:.]+\]?")  # a host name or IP
 TASK_METRICS = ("exact_match", "execution_accuracy", "bleu", "chrf", "rouge_l", "toxic_share")
 
 
@@ -154,7 +158,9 @@ class TrainingConfig:
     liger_kernel: bool = False  # fused Liger kernels on CUDA when the package is installed; ignored elsewhere
     checkpoint_every: int = 100  # optimizer steps between checkpoints (0: none); SIGTERM always saves one
     keep_checkpoints: int = 2  # the newest K complete checkpoints are kept
-    resume: str = "auto"  # auto: continue from output_dir's newest complete checkpoint; false; or a checkpoint path
+    # auto: continue from output_dir's newest complete checkpoint of the same run; false: start over; force: continue
+    # from the newest checkpoint even when settings changed (recorded in the run's metadata); or a checkpoint path
+    resume: str = "auto"
     max_nonfinite_steps: int = 10  # steps with a NaN/inf loss skipped before the run stops (exit code 3)
 
 
@@ -190,12 +196,14 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     output_dir: str = "runs/${task.name}-${model.name}"
     adapter: Optional[str] = None  # dpeft-eval: a trained run's adapter directory
-    # dpeft-launch: workers per node and the node layout (defaults from NUM_GPU_WORKERS, NUM_MACHINES, ...)
-    num_gpu_workers: int = 1
-    num_machines: int = 1
-    machine_rank: int = 0
-    main_process_ip: str = "127.0.0.1"
-    main_process_port: int = 29500
+    # dpeft-launch: workers per node and the node layout. null: the environment variable (NUM_GPU_WORKERS,
+    # NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT), else 1 node x 1 worker on 127.0.0.1:29500.
+    # Only dpeft-launch reads and checks them (distributed_peft/launcher.py: launch_layout).
+    num_gpu_workers: Optional[int] = None
+    num_machines: Optional[int] = None
+    machine_rank: Optional[int] = None
+    main_process_ip: Optional[str] = None
+    main_process_port: Optional[int] = None
     allow_base_mismatch: bool = False  # load an adapter onto a base other than the one it was trained on
 
 
@@ -235,7 +243,7 @@ class ExploreConfig:
 
 
 def validate_generate(cfg: DictConfig) -> None:
-    problems: list[str] = []
+    problems = unknown_keys(cfg, GenerateConfig)
     for adapter in cfg.adapters:
         if not Path(adapter).is_dir():
             problems.append(f"adapters: {adapter!r} is not a directory; allowed: adapter directories")
@@ -245,12 +253,12 @@ def validate_generate(cfg: DictConfig) -> None:
 
 
 def validate_explore(cfg: DictConfig) -> None:
-    problems: list[str] = []
+    problems = unknown_keys(cfg, ExploreConfig)
     for adapter in cfg.adapters:
         if not Path(adapter).is_dir():
             problems.append(f"adapters: {adapter!r} is not a directory; allowed: adapter directories")
     _check(problems, 0 < cfg.port < 65536, "port", cfg.port, "a TCP port in [1, 65535]")
-    host_ok = bool(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[?[0-9A-Fa-f:.]+\]?", cfg.host))
+    host_ok = bool(HOST_PATTERN.fullmatch(cfg.host))
     _check(problems, host_ok, "host", cfg.host, "a host name or IP address such as 127.0.0.1 or 0.0.0.0")
     _allowed(problems, "device", cfg.device, ("auto", "cpu", "cuda"))
     _check(problems, cfg.max_new_tokens_limit >= 1, "max_new_tokens_limit", cfg.max_new_tokens_limit, "an integer >= 1")
@@ -267,8 +275,11 @@ def validate_explore(cfg: DictConfig) -> None:
 
 
 def validate_merge(cfg: DictConfig) -> None:
+    problems = unknown_keys(cfg, MergeConfig)
     if not Path(cfg.adapter).is_dir():
-        raise ConfigError(f"adapter={cfg.adapter!r} is not a directory; allowed: an adapter directory")
+        problems.append(f"adapter={cfg.adapter!r} is not a directory; allowed: an adapter directory")
+    if problems:
+        raise ConfigError(problems)
 
 
 def run_dir(adapter: Optional[str], output_dir: str) -> str:
@@ -307,6 +318,68 @@ def _allowed(problems: list[str], key: str, value: Any, allowed: tuple[str, ...]
 def _check(problems: list[str], ok: bool, key: str, value: Any, requirement: str) -> None:
     if not ok:
         problems.append(f"{key}={value!r} is invalid; it must be {requirement}")
+
+
+def _schema_of(annotation: Any) -> Optional[type]:
+    """The dataclass a field holds (also through Optional[...]); None for free-form values (dicts, lists, scalars)."""
+    if is_dataclass(annotation):
+        return annotation
+    if get_origin(annotation) is Union:
+        return next((arg for arg in get_args(annotation) if is_dataclass(arg)), None)
+    return None
+
+
+def _schema_paths(schema: type, prefix: str = "") -> list[str]:
+    """Every dotted key a schema defines, nested dataclasses included."""
+    paths = []
+    for name, annotation in get_type_hints(schema).items():
+        paths.append(prefix + name)
+        nested = _schema_of(annotation)
+        if nested is not None:
+            paths += _schema_paths(nested, f"{prefix}{name}.")
+    return paths
+
+
+def _shown_value(node: DictConfig, key: str) -> str:
+    try:
+        value = node[key]
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value)
+    except Exception:  # an interpolation that does not resolve: the key alone is enough to name the mistake
+        return key
+    return f"{key}={value!r}"
+
+
+def unknown_keys(cfg: DictConfig, schema: type, prefix: str = "", root: Optional[type] = None) -> list[str]:
+    """One line per key that `schema` does not define (added with `+`), with the closest known key as a hint.
+
+    Fields typed as dicts (task.data.columns, dpeft-generate's inputs) are free-form and not looked into.
+    """
+    root = root or schema
+    hints = get_type_hints(schema)
+    problems = []
+    for key in cfg.keys():
+        key = str(key)
+        if key not in hints:
+            problems.append(_unknown_key_line(cfg, key, prefix, sorted(hints), root))
+            continue
+        nested = _schema_of(hints[key])
+        child = cfg._get_node(key)
+        if nested is not None and isinstance(child, DictConfig) and not child._is_none():
+            problems += unknown_keys(child, nested, f"{prefix}{key}.", root)
+    return problems
+
+
+def _unknown_key_line(node: DictConfig, key: str, prefix: str, known: list[str], root: type) -> str:
+    """`training.lrr=1 is not a known option; did you mean training.lr?` (or the section's keys when none is close)."""
+    where = f"{prefix}{_shown_value(node, key)} is not a known option"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"{where}; did you mean {prefix}{close[0]}?"
+    elsewhere = [p for p in _schema_paths(root) if p.rsplit(".", 1)[-1] == key]
+    if elsewhere:
+        return f"{where} in {prefix.rstrip('.') or 'the top level'}; did you mean {' or '.join(elsewhere)}?"
+    return f"{where}; allowed: {', '.join(prefix + k for k in known)}"
 
 
 def template_fields(template: str) -> list[str]:
@@ -404,9 +477,41 @@ def _validate_data(task: DictConfig, problems: list[str]) -> None:
         )
 
 
+def _validate_embedded_base(base: DictConfig, problems: list[str]) -> None:
+    """The shape of an embedded base (model.base.*) must build: positive sizes, heads that divide the width."""
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "pretrain_batch_size", "pretrain_seq_len"):  # fmt: skip
+        _check(problems, base[key] >= 1, f"model.base.{key}", base[key], "an integer >= 1")
+    _check(problems, base.pretrain_steps >= 0, "model.base.pretrain_steps", base.pretrain_steps, "an integer >= 0")
+    _check(problems, 0 < base.pretrain_lr <= 1, "model.base.pretrain_lr", base.pretrain_lr, "> 0 and <= 1")
+    if base.num_heads >= 1 and base.hidden_size >= 1 and base.hidden_size % base.num_heads:
+        problems.append(
+            f"model.base.hidden_size={base.hidden_size!r} is invalid; it must be a multiple of model.base.num_heads "
+            f"({base.num_heads})"
+        )
+    if base.num_kv_heads >= 1 and base.num_heads >= 1 and base.num_heads % base.num_kv_heads:
+        problems.append(
+            f"model.base.num_kv_heads={base.num_kv_heads!r} is invalid; it must divide model.base.num_heads "
+            f"({base.num_heads})"
+        )
+
+
+def _lora_rank_problem(cfg: DictConfig, hidden_size: int) -> str:
+    return (
+        f"peft.r={cfg.peft.r!r} is invalid; it must be <= {hidden_size}, the width (hidden size) of model "
+        f"{cfg.model.name}: a LoRA rank above the layers' width adds parameters and no capacity"
+    )
+
+
+def check_lora_rank(cfg: DictConfig, hidden_size: int) -> None:
+    """Raise ConfigError when peft.r exceeds the model's width (read from its config.json for hub models)."""
+    if cfg.peft.r > hidden_size:
+        raise ConfigError(_lora_rank_problem(cfg, hidden_size))
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing every invalid value of a composed config; load nothing heavy."""
-    problems: list[str] = []
+    problems = unknown_keys(cfg, Config)
     task, model, peft, training = cfg.task, cfg.model, cfg.peft, cfg.training
 
     _allowed(problems, "model.family", model.family, MODEL_FAMILIES)
@@ -414,9 +519,13 @@ def validate(cfg: DictConfig) -> None:
     _check(problems, model.context_length > 0, "model.context_length", model.context_length, "> 0")
     if model.embedded and model.base is None:
         problems.append(f"model.base=None is invalid for embedded model {model.name!r}; it must describe its shape")
+    if model.base is not None:
+        _validate_embedded_base(model.base, problems)
 
     _allowed(problems, "peft.method", peft.method, PEFT_METHODS)
     _check(problems, peft.r > 0, "peft.r", peft.r, "a positive integer")
+    if model.embedded and model.base is not None and 0 < model.base.hidden_size < peft.r:
+        problems.append(_lora_rank_problem(cfg, model.base.hidden_size))
     _check(problems, peft.alpha > 0, "peft.alpha", peft.alpha, "a positive integer")
     _check(problems, 0 <= peft.dropout < 1, "peft.dropout", peft.dropout, "in [0, 1)")
     _allowed(problems, "peft.bias", peft.bias, ("none", "all", "lora_only"))
@@ -433,18 +542,9 @@ def validate(cfg: DictConfig) -> None:
     _allowed(problems, "distributed.strategy", cfg.distributed.strategy, DISTRIBUTED_STRATEGIES)
     _allowed(problems, "distributed.backend", cfg.distributed.backend, ("auto", "gloo", "nccl"))
     _check(problems, cfg.distributed.timeout_s > 0, "distributed.timeout_s", cfg.distributed.timeout_s, "> 0")
-    _check(problems, cfg.num_gpu_workers >= 1, "num_gpu_workers", cfg.num_gpu_workers, "an integer >= 1")
-    _check(problems, cfg.num_machines >= 1, "num_machines", cfg.num_machines, "an integer >= 1")
-    _check(
-        problems,
-        0 <= cfg.machine_rank < max(cfg.num_machines, 1),
-        "machine_rank",
-        cfg.machine_rank,
-        f"in [0, {cfg.num_machines - 1}] (num_machines={cfg.num_machines})",
-    )
-    _check(problems, 0 < cfg.main_process_port < 65536, "main_process_port", cfg.main_process_port, "a TCP port")
+    # num_gpu_workers, num_machines, machine_rank, main_process_*: only dpeft-launch reads them (launch_layout)
 
-    _check(problems, training.lr > 0, "training.lr", training.lr, "> 0")
+    _check(problems, 0 < training.lr <= 1, "training.lr", training.lr, "> 0 and <= 1 (e.g. 2e-4)")
     _allowed(problems, "training.lr_scheduler", training.lr_scheduler, LR_SCHEDULERS)
     _check(problems, 0 <= training.warmup_ratio < 1, "training.warmup_ratio", training.warmup_ratio, "in [0, 1)")
     _check(problems, training.weight_decay >= 0, "training.weight_decay", training.weight_decay, ">= 0")
@@ -470,6 +570,7 @@ def validate(cfg: DictConfig) -> None:
         )
     _check(problems, training.eval_steps >= 0, "training.eval_steps", training.eval_steps, ">= 0 (0: only at the end)")
     _allowed(problems, "training.optimizer", training.optimizer, OPTIMIZERS)
+    _check(problems, 0 <= training.seed <= MAX_SEED, "training.seed", training.seed, f"in [0, {MAX_SEED}]")
     _allowed(problems, "training.packing", training.packing, PACKING_MODES)
     if training.packing == "padding_free" and model.family == "bloom":
         problems.append(
@@ -493,9 +594,10 @@ def validate(cfg: DictConfig) -> None:
     for key, minimum in (("checkpoint_every", 0), ("keep_checkpoints", 1), ("max_nonfinite_steps", 0)):
         _check(problems, training[key] >= minimum, f"training.{key}", training[key], f"an integer >= {minimum}")
     resume = str(training.resume)
-    if resume != "auto" and resume.lower() not in RESUME_OFF and not Path(resume).is_dir():
+    if resume not in ("auto", RESUME_FORCE) and resume.lower() not in RESUME_OFF and not Path(resume).is_dir():
         problems.append(
-            f"training.resume={resume!r} does not exist; allowed: auto, false, or a checkpoint (or run) directory"
+            f"training.resume={resume!r} does not exist; allowed: auto, false, force (continue even when settings "
+            "changed), or a checkpoint (or run) directory"
         )
 
     _allowed(problems, "logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
@@ -508,7 +610,18 @@ def validate(cfg: DictConfig) -> None:
     evaluation = cfg.evaluation
     for key in ("max_generate_examples", "max_new_tokens", "generation_batch_size"):
         _check(problems, evaluation[key] >= 1, f"evaluation.{key}", evaluation[key], "an integer >= 1")
+    if evaluation.max_new_tokens > model.context_length:
+        problems.append(
+            f"evaluation.max_new_tokens={evaluation.max_new_tokens!r} is invalid; it must be <= "
+            f"{model.context_length} (the context length of model {model.name})"
+        )
     _check(problems, evaluation.show_examples >= 0, "evaluation.show_examples", evaluation.show_examples, ">= 0")
+    if evaluation.generate and evaluation.show_examples > evaluation.max_generate_examples >= 1:
+        problems.append(
+            f"evaluation.show_examples={evaluation.show_examples!r} is invalid with evaluation.max_generate_examples="
+            f"{evaluation.max_generate_examples}: eval.md shows generated examples only; allowed: "
+            f"evaluation.show_examples <= {evaluation.max_generate_examples}, or a larger max_generate_examples"
+        )
     _validate_data(task, problems)
     try:  # Hydra creates the run directory before the run starts: an unwritable one must be refused here
         from distributed_peft.atomic_files import check_writable

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,20 @@ def dry_run(monkeypatch, capsys, gpus: int, *overrides: str) -> tuple[int, str]:
     return code, captured.out + captured.err
 
 
+def printed_files(printed: str) -> dict[str, str]:
+    """The launch files a dry run printed (`--- PATH (dry run: not written)` then the content), by path."""
+    files: dict[str, list[str]] = {}
+    current = None
+    for line in printed.splitlines():
+        if line.startswith("--- "):
+            current = files.setdefault(line[4:].removesuffix(" (dry run: not written)"), [])
+        elif line.startswith("command: "):
+            current = None
+        elif current is not None:
+            current.append(line)
+    return {path: "\n".join(lines) for path, lines in files.items()}
+
+
 def test_dry_run_one_node_four_gpus(monkeypatch, capsys, tmp_path):
     out = tmp_path / "run"
     code, printed = dry_run(
@@ -30,6 +45,7 @@ def test_dry_run_one_node_four_gpus(monkeypatch, capsys, tmp_path):
     )
     config = out / "launch" / "accelerate-node0.yaml"
     assert code == 0
+    assert not out.exists(), "a dry run writes nothing"
     assert (
         printed.splitlines()[0] == "dpeft-launch: 1 node(s) x 4 worker(s), strategy zero3, this node rank 0 (4 GPU(s))"
     )
@@ -37,14 +53,16 @@ def test_dry_run_one_node_four_gpus(monkeypatch, capsys, tmp_path):
         f"command: {BIN / 'accelerate'} launch --config_file {config} -m distributed_peft.train task=sql "
         f"distributed=zero3 num_gpu_workers=4 output_dir={out}"
     )
-    accelerate = yaml.safe_load(config.read_text())
+    files = printed_files(printed)
+    accelerate = yaml.safe_load(files[str(config)])
     assert (accelerate["num_processes"], accelerate["num_machines"], accelerate["distributed_type"]) == (
         4,
         1,
         "DEEPSPEED",
     )
-    assert accelerate["deepspeed_config"]["deepspeed_config_file"] == str((out / "launch" / "deepspeed.json").resolve())
-    assert not list(out.glob("adapter")), "a dry run trains nothing"
+    deepspeed = out / "launch" / "deepspeed.json"
+    assert accelerate["deepspeed_config"]["deepspeed_config_file"] == str(deepspeed.resolve())
+    assert json.loads(files[str(deepspeed)])["train_batch_size"] == 4 * 1 * 4
 
 
 def test_dry_run_two_nodes_eight_gpus_from_the_environment(monkeypatch, capsys, tmp_path):
@@ -60,7 +78,7 @@ def test_dry_run_two_nodes_eight_gpus_from_the_environment(monkeypatch, capsys, 
     code, printed = dry_run(monkeypatch, capsys, 8, "task=instruct", "distributed=ddp", f"output_dir={out}")
     assert code == 0
     assert "2 node(s) x 8 worker(s), strategy ddp, this node rank 1 (8 GPU(s))" in printed
-    accelerate = yaml.safe_load((out / "launch" / "accelerate-node1.yaml").read_text())
+    accelerate = yaml.safe_load(printed_files(printed)[str(out / "launch" / "accelerate-node1.yaml")])
     assert accelerate["num_processes"] == 16 and accelerate["num_machines"] == 2 and accelerate["machine_rank"] == 1
     assert (accelerate["main_process_ip"], accelerate["main_process_port"]) == ("10.1.2.3", 29555)
     assert accelerate["distributed_type"] == "MULTI_GPU" and accelerate["use_cpu"] is False
@@ -69,7 +87,7 @@ def test_dry_run_two_nodes_eight_gpus_from_the_environment(monkeypatch, capsys, 
 def test_dry_run_without_gpus_plans_cpu_processes_and_refuses_fsdp(monkeypatch, capsys, tmp_path):
     code, printed = dry_run(monkeypatch, capsys, 0, "distributed=ddp", "num_gpu_workers=2", f"output_dir={tmp_path}")
     assert code == 0 and "(no GPU: CPU processes with gloo)" in printed
-    assert yaml.safe_load((tmp_path / "launch" / "accelerate-node0.yaml").read_text())["use_cpu"] is True
+    assert yaml.safe_load(printed_files(printed)[str(tmp_path / "launch" / "accelerate-node0.yaml")])["use_cpu"] is True
     code, printed = dry_run(monkeypatch, capsys, 0, "distributed=fsdp", f"output_dir={tmp_path}")
     assert code == 2
     assert printed.startswith("dpeft-launch: error: distributed='fsdp' needs CUDA GPUs")
@@ -109,6 +127,8 @@ def test_slurm_job_starts_one_launcher_per_node_with_rank_and_main_address(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 node(s) x 8 worker(s), strategy ddp, this node rank 0" in proc.stdout
     assert "2 node(s) x 8 worker(s), strategy ddp, this node rank 1" in proc.stdout
+    files = printed_files(proc.stdout)
     for rank in (0, 1):
-        accelerate = yaml.safe_load((tmp_path / "run" / "launch" / f"accelerate-node{rank}.yaml").read_text())
+        accelerate = yaml.safe_load(files[str(tmp_path / "run" / "launch" / f"accelerate-node{rank}.yaml")])
         assert (accelerate["machine_rank"], accelerate["main_process_ip"]) == (rank, "gpu-node-7")
+    assert not (tmp_path / "run").exists(), "a dry run writes nothing"
