@@ -39,7 +39,15 @@ def run_entry(monkeypatch, prog: str, argv: list[str]) -> tuple[int, list[str]]:
     """Run a console entry point in this process; return its exit code and its stderr lines."""
     from hydra.core.global_hydra import GlobalHydra
 
-    module = {"dpeft-train": "train", "dpeft-eval": "evaluate", "dpeft-generate": "generation"}[prog]
+    module = {
+        "dpeft-train": "train",
+        "dpeft-eval": "evaluate",
+        "dpeft-generate": "generation",
+        "dpeft-merge": "adapters",
+        "dpeft-reproduce": "reproduce",
+        "dpeft-explore": "explorer",
+        "dpeft-build-base": "embedded_base",
+    }[prog]
     main = importlib.import_module(f"distributed_peft.{module}").main
     GlobalHydra.instance().clear()
     stderr = io.StringIO()
