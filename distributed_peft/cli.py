@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distributed_peft.config import CONF_DIR, CONFIG_GROUPS, group_options, register_configs, validate
 from distributed_peft.errors import USER_ERROR_EXIT_CODE, ConfigError, DpeftError
+from distributed_peft.prompts import literal_overrides
 
 
 def report_user_error(error: DpeftError, prog: str) -> None:
@@ -47,6 +48,7 @@ def check_overrides(
 
     Returns None when the command line holds sweeps or Hydra flags, which Hydra itself must expand.
     """
+    overrides = literal_overrides(overrides)  # prompts, inputs and templates are text, never config syntax
     if any(arg.startswith("-") for arg in overrides):
         return None
     plain = [o for o in overrides if not re.match(r"^[+~]*hydra[./=]", o)]
@@ -102,6 +104,7 @@ def hydra_app(
 
         @functools.wraps(fn)
         def entry() -> Any:
+            sys.argv[1:] = literal_overrides(sys.argv[1:])  # what Hydra parses below: user text quoted as text
             register_configs()
             try:
                 check_overrides(sys.argv[1:], config_name, validator)

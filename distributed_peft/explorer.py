@@ -31,8 +31,9 @@ from distributed_peft.adapters import (
 )
 from distributed_peft.cli import hydra_app
 from distributed_peft.config import template_fields, validate_explore
-from distributed_peft.errors import AdapterError, ConfigError, DataError
-from distributed_peft.generation import default_adapters, generate_batch, main_field, prompt_ids
+from distributed_peft.errors import AdapterError, ConfigError, DataError, DpeftError
+from distributed_peft.generation import default_adapters, generate_batch
+from distributed_peft.prompts import EmptyPrompt, PromptTooLong, check_not_empty, generation_prompt_ids, task_record
 
 MAX_PROMPT_CHARS = 100_000  # refused before tokenizing; the context length decides the rest
 
@@ -86,6 +87,28 @@ class Explorer:
             raise RequestError(409, f"task={name!r} is unavailable: {found.reason}")
         return found
 
+    def request_fields(self, payload: Any) -> tuple[str, dict[str, str]]:
+        """The task and its fields from an API request: `prompt` fills the main field, as in dpeft-generate."""
+        if not isinstance(payload, dict) or not isinstance(payload.get("task"), str):
+            raise RequestError(400, 'the body must be a JSON object with "task" and "prompt"')
+        prompt, inputs = payload.get("prompt", ""), payload.get("inputs") or {}
+        if not isinstance(prompt, str) or not isinstance(inputs, dict):
+            raise RequestError(400, '"prompt" must be a string and "inputs" an object of field: text')
+        adapter = self.adapter(payload["task"])
+        self._check_fields(adapter, inputs)
+        record = task_record(adapter.task, prompt, inputs)
+        return adapter.name, {name: record[name] for name in adapter.fields}
+
+    @staticmethod
+    def _check_fields(adapter: TaskAdapter, fields: dict[str, Any]) -> None:
+        unknown = sorted(set(fields) - set(adapter.fields))
+        if unknown:
+            raise RequestError(
+                400,
+                f"inputs {', '.join(unknown)} are not fields of task {adapter.name}; allowed: "
+                + ", ".join(adapter.fields),
+            )
+
     def submit(
         self, task: str, fields: dict[str, str], max_new_tokens: int, temperature: float = 0.0, seed: int = 0
     ) -> Future:
@@ -94,15 +117,12 @@ class Explorer:
         The answer: {"task", "prompt" (as the model sees it), "prompt_tokens", "base", "adapter"}.
         """
         adapter = self.adapter(task)
-        unknown = sorted(set(fields) - set(adapter.fields))
-        if unknown:
-            raise RequestError(
-                400, f"inputs {', '.join(unknown)} are not fields of task {task}; allowed: " + ", ".join(adapter.fields)
-            )
+        self._check_fields(adapter, fields)
         record = {name: "" for name in adapter.task.data.columns} | {k: str(v) for k, v in fields.items()}
-        main = main_field(adapter.task, record)
-        if not record[main].strip():
-            raise RequestError(400, f"the prompt is empty; type the {main} for task {task}")
+        try:
+            check_not_empty(adapter.task, record)
+        except EmptyPrompt as error:
+            raise RequestError(400, error.problems[0]) from error
         if sum(len(value) for value in record.values()) > MAX_PROMPT_CHARS:
             raise RequestError(413, f"the prompt is longer than {MAX_PROMPT_CHARS:,} characters")
         return self._worker.submit(self._answer, adapter, record, max_new_tokens, temperature, seed)
@@ -110,13 +130,14 @@ class Explorer:
     def _answer(self, adapter: TaskAdapter, record: dict[str, str], max_new_tokens: int, temperature: float, seed):
         import torch
 
-        ids = prompt_ids(record, adapter.task, self.tokenizer)
-        if len(ids) + max_new_tokens > adapter.context_length:
-            raise RequestError(
-                413,
-                f"the prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the context "
-                f"length {adapter.context_length} of {self.base_name}; shorten it or ask for fewer new tokens",
+        try:
+            ids = generation_prompt_ids(
+                adapter.task, record, self.tokenizer, max_new_tokens, adapter.context_length, self.base_name
             )
+        except PromptTooLong as error:
+            raise RequestError(413, error.problems[0]) from error
+        except DpeftError as error:  # an empty prompt, or a template that cannot be filled
+            raise RequestError(400, error.problems[0]) from error
 
         def complete() -> str:
             if temperature > 0:

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from distributed_peft.explorer import Explorer, RequestError, TaskAdapter  # noqa: E402
-from distributed_peft.generation import task_record  # noqa: E402
+from distributed_peft.prompts import main_field  # noqa: E402
 
 MAX_FIELDS = 4  # input boxes on the page; a task uses as many as its prompt template has fields
 MAX_TEMPERATURE = 2.0
@@ -51,24 +51,6 @@ def _settings(payload: dict[str, Any], default_tokens: int, limit: int) -> tuple
     return tokens, float(temperature), seed
 
 
-def _request_fields(explorer: Explorer, payload: Any) -> tuple[str, dict[str, str]]:
-    """The task and its template fields from an API request, `prompt` filling the main field as dpeft-generate."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("task"), str):
-        raise RequestError(400, 'the body must be a JSON object with "task" and "prompt"')
-    prompt, inputs = payload.get("prompt", ""), payload.get("inputs") or {}
-    if not isinstance(prompt, str) or not isinstance(inputs, dict):
-        raise RequestError(400, '"prompt" must be a string and "inputs" an object of field: text')
-    adapter = explorer.adapter(payload["task"])
-    unknown = sorted(set(inputs) - set(adapter.fields))
-    if unknown:
-        raise RequestError(
-            400,
-            f"inputs {', '.join(unknown)} are not fields of task {adapter.name}; allowed: " + ", ".join(adapter.fields),
-        )
-    record = task_record(adapter.task, prompt, {k: str(v) for k, v in inputs.items()})
-    return adapter.name, {name: record[name] for name in adapter.fields}
-
-
 def add_api(app: FastAPI, explorer: Explorer, cfg: DictConfig) -> None:
     """GET /api/tasks and POST /api/generate; a refused request answers 4xx JSON and the server carries on."""
 
@@ -83,7 +65,7 @@ def add_api(app: FastAPI, explorer: Explorer, cfg: DictConfig) -> None:
                 payload = json.loads(await request.body() or b"null")
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise RequestError(400, f"the body is not JSON: {exc}") from exc
-            task, fields = _request_fields(explorer, payload)
+            task, fields = explorer.request_fields(payload)
             settings = _settings(payload, cfg.max_new_tokens, cfg.max_new_tokens_limit)
             answer = await asyncio.wrap_future(explorer.submit(task, fields, *settings))
         except RequestError as error:
@@ -105,7 +87,10 @@ def _example_choices(adapter: TaskAdapter) -> list[tuple[str, int]]:
     def short(text: str) -> str:
         return text if len(text) <= 90 else text[:87] + "..."
 
-    return [(f"{n + 1}. {short(ex[adapter.fields[-1]])}", n) for n, ex in enumerate(adapter.examples)]
+    if not adapter.examples:  # an unavailable adapter may have no task at all
+        return []
+    main = main_field(adapter.task)
+    return [(f"{n + 1}. {short(ex[main])}", n) for n, ex in enumerate(adapter.examples)]
 
 
 def _field_updates(adapter: TaskAdapter, example: dict[str, str] | None) -> list[Any]:

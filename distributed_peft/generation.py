@@ -9,13 +9,13 @@ from omegaconf import DictConfig
 
 from distributed_peft.cli import hydra_app
 from distributed_peft.config import PROJECT_ROOT, load_recorded_config, validate_generate
-from distributed_peft.data import format_example
+from distributed_peft.prompts import check_not_empty, generation_prompt_ids, task_record
+from distributed_peft.prompts import prompt_ids as task_prompt_ids
 
 
 def prompt_ids(record: dict[str, Any], task: DictConfig, tokenizer) -> list[int]:
     """The prompt exactly as training tokenized it (with BOS where the tokenizer adds one)."""
-    prompt, _ = format_example(record, task)
-    return tokenizer(prompt)["input_ids"]
+    return task_prompt_ids(task, record, tokenizer)
 
 
 def _left_padded(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,35 +77,31 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], cfg: DictCo
     return [gathered[i] for i in range(len(prompts))]
 
 
-def main_field(task: DictConfig, record: dict[str, str]) -> str:
-    """The field a free-text prompt fills: the last placeholder of the template the record will use."""
-    from distributed_peft.config import template_fields
-
-    template = task.prompt_template
-    if task.prompt_template_no_input and not record.get("input", "").strip():
-        template = task.prompt_template_no_input
-    return template_fields(template)[-1]
-
-
-def task_record(task: DictConfig, prompt: str, inputs: dict[str, str]) -> dict[str, str]:
-    """A record for the task's template: `inputs` for named fields, `prompt` for its main field."""
-    record = {name: "" for name in task.data.columns}
-    record.update(inputs)
-    record[main_field(task, record)] = prompt
-    return record
-
-
 def generate_with_adapters(cfg: DictConfig) -> dict[str, dict[str, str]]:
-    """For each adapter: its task's prompt, the base's answer and the adapter's answer (one base load)."""
-    from distributed_peft.adapters import load_base_with_adapters
+    """For each adapter: its task's prompt, the base's answer and the adapter's answer (one base load).
+
+    The prompt fills each task's main field and `inputs` the fields the task has; an empty prompt is refused before
+    the base loads, one that does not fit the context before anything is generated.
+    """
+    from distributed_peft.adapters import load_base_with_adapters, read_adapter_metadata
     from distributed_peft.tracking import quiet_library_progress
 
     quiet_library_progress()
-    model, tokenizer, names, metadatas = load_base_with_adapters(list(cfg.adapters), cfg.allow_base_mismatch)
+    run_cfgs = [load_recorded_config(read_adapter_metadata(d)["config"]) for d in cfg.adapters]
+    inputs = {str(name): value for name, value in cfg.inputs.items()}
+    records = [task_record(run.task, cfg.prompt, inputs) for run in run_cfgs]
+    for run, record in zip(run_cfgs, records, strict=True):
+        check_not_empty(run.task, record)
+    model, tokenizer, names, _ = load_base_with_adapters(list(cfg.adapters), cfg.allow_base_mismatch)
+    base_model = run_cfgs[0].model  # the base every adapter is loaded onto
+    ids_per_adapter = [
+        generation_prompt_ids(
+            run.task, record, tokenizer, cfg.max_new_tokens, base_model.context_length, base_model.name
+        )
+        for run, record in zip(run_cfgs, records, strict=True)
+    ]
     answers = {}
-    for name, metadata in zip(names, metadatas, strict=True):
-        task = load_recorded_config(metadata["config"]).task
-        ids = prompt_ids(task_record(task, cfg.prompt, dict(cfg.inputs)), task, tokenizer)
+    for name, ids in zip(names, ids_per_adapter, strict=True):
         model.set_adapter(name)
         adapter = generate_batch(model, tokenizer, [ids], cfg.max_new_tokens)[0]
         with model.disable_adapter():

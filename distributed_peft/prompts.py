@@ -1,0 +1,176 @@
+"""Prompts: the one place that turns a task and a record of field values into what the model reads.
+
+Training, evaluation, dpeft-generate and the explorer all build prompts here, so they agree on the template (the
+no-input template when a task's optional fields are empty), on the tokens, and on the refusal of an empty prompt or
+one that does not fit the context. A user's text is data: `literal_overrides` makes the command line's prompts,
+inputs and templates reach the config as the user typed them, never as Hydra or OmegaConf syntax.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from omegaconf import DictConfig
+
+from distributed_peft.config import template_fields
+from distributed_peft.errors import ConfigError, DataError
+
+TEMPLATE_KEYS = ("task.prompt_template", "task.prompt_template_no_input", "task.completion_template")
+
+
+class EmptyPrompt(DataError):
+    """The field a user must fill is empty."""
+
+
+class PromptTooLong(DataError):
+    """The prompt and the tokens to generate do not fit the model's context."""
+
+
+def optional_fields(task: DictConfig) -> set[str]:
+    """Fields only the full prompt template uses: when all are empty, `prompt_template_no_input` is used."""
+    if not task.prompt_template_no_input:
+        return set()
+    return set(template_fields(task.prompt_template)) - set(template_fields(task.prompt_template_no_input))
+
+
+def prompt_template(task: DictConfig, record: dict[str, Any]) -> str:
+    """The template of a record: the no-input one when the task has it and its optional fields are empty."""
+    optional = optional_fields(task)
+    if optional and not any(str(record.get(name) or "").strip() for name in optional):
+        return task.prompt_template_no_input
+    return task.prompt_template
+
+
+def main_field(task: DictConfig) -> str:
+    """The field a free-text prompt fills (detox: toxic, sql: question, instruct: instruction): the last placeholder
+    of the template the task uses when its optional fields are empty."""
+    return template_fields(task.prompt_template_no_input or task.prompt_template)[-1]
+
+
+def render(template: str, record: dict[str, Any], key: str) -> str:
+    """`template` with its placeholders filled from `record`; values are inserted as they are (braces included)."""
+    try:
+        return template.format_map(record)
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise ConfigError(
+            f"{key}={template!r} cannot be filled ({type(exc).__name__}: {exc}); allowed: {{field}} placeholders "
+            "of task.data.columns, and {{ or }} for a literal brace"
+        ) from exc
+
+
+def format_prompt(task: DictConfig, record: dict[str, Any]) -> str:
+    """The prompt text of a record."""
+    template = prompt_template(task, record)
+    key = "task.prompt_template" if template == task.prompt_template else "task.prompt_template_no_input"
+    return render(template, record, key)
+
+
+def format_completion(task: DictConfig, record: dict[str, Any]) -> str:
+    """The completion text of a record (without EOS)."""
+    return render(task.completion_template, record, "task.completion_template")
+
+
+def encode_prompt(prompt: str, tokenizer) -> list[int]:
+    """Token ids of a prompt, with BOS where the tokenizer adds one (as training tokenizes it)."""
+    return tokenizer(prompt)["input_ids"]
+
+
+def prompt_ids(task: DictConfig, record: dict[str, Any], tokenizer) -> list[int]:
+    """The prompt of a record exactly as training tokenizes it."""
+    return encode_prompt(format_prompt(task, record), tokenizer)
+
+
+def task_record(task: DictConfig, prompt: str, inputs: dict[str, Any]) -> dict[str, str]:
+    """A record of the task's fields: `inputs` for the named fields, `prompt` for the main field, the rest empty."""
+    record = {name: "" for name in task.data.columns}
+    record.update({name: "" if value is None else str(value) for name, value in inputs.items()})
+    record[main_field(task)] = prompt
+    return record
+
+
+def check_not_empty(task: DictConfig, record: dict[str, Any]) -> None:
+    """Refuse a record whose main field is empty: there is nothing to answer."""
+    main = main_field(task)
+    if not str(record.get(main) or "").strip():
+        raise EmptyPrompt(f"the prompt is empty; type the {main} for task {task.name}")
+
+
+def generation_prompt_ids(
+    task: DictConfig, record: dict[str, Any], tokenizer, max_new_tokens: int, context_length: int, model_name: str
+) -> list[int]:
+    """The prompt ids to generate from, or EmptyPrompt / PromptTooLong (the one refusal every command prints)."""
+    check_not_empty(task, record)
+    ids = prompt_ids(task, record, tokenizer)
+    if len(ids) + max_new_tokens > context_length:
+        raise PromptTooLong(
+            f"the prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the context length "
+            f"{context_length} of {model_name}; shorten it or ask for fewer new tokens"
+        )
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line: a user's text is data. Bash strips the quotes of `task.prompt_template='Q: {prompt}\nA: '`, and
+# Hydra would then read `{` as a dict and `${...}` as an interpolation; these keys get their value quoted instead.
+
+_INTERPOLATION = re.compile(r"(\\*)\$\{")
+_QUOTE_RUN = re.compile(r"(\\*)('|\Z)")
+
+
+def _is_text_key(name: str) -> bool:
+    return name == "prompt" or (name.startswith("inputs.") and len(name) > len("inputs."))
+
+
+def hydra_literal(text: str) -> str:
+    """`text` as a Hydra override value that Hydra and OmegaConf both read back exactly (no interpolation)."""
+    escaped = _INTERPOLATION.sub(lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)  # OmegaConf: \${ is literal
+
+    def quote(match: re.Match) -> str:  # Hydra: backslashes are escapes only before a quote or the closing quote
+        backslashes, char = match.group(1), match.group(2)
+        if char == "'":
+            return "\\" * (2 * len(backslashes) + 1) + "'"
+        return "\\" * (2 * len(backslashes)) + char
+
+    return "'" + _QUOTE_RUN.sub(quote, escaped) + "'"
+
+
+def _unquoted(value: str) -> str | None:
+    """The text of a Hydra-quoted value ('...' or "..."), undoing the escapes `hydra_literal` writes; None if the
+    value is not one quoted string."""
+    if len(value) < 2 or value[0] not in "'\"" or value[-1] != value[0]:
+        return None
+    quote, inner, out, at = value[0], value[1:-1], [], 0
+    for match in re.finditer(r"(\\*)(" + quote + r"|\Z)", inner):
+        out.append(inner[at : match.start()])
+        backslashes, char = len(match.group(1)), match.group(2)
+        if char and backslashes % 2 == 0 or not char and backslashes % 2:
+            return None  # an unescaped quote inside, or an escaped closing quote: not one quoted string
+        out.append("\\" * (backslashes // 2) + char)
+        at = match.end()
+    return _INTERPOLATION.sub(lambda m: "\\" * (len(m.group(1)) // 2) + "${", "".join(out))
+
+
+def _template_escapes(text: str) -> str:
+    r"""`\n` and `\t` typed in a template become a newline and a tab (bash passes them as two characters)."""
+    return re.sub(r"\\([nt])", lambda m: "\n" if m.group(1) == "n" else "\t", text)
+
+
+def literal_overrides(argv: list[str]) -> list[str]:
+    """The command line with prompts, inputs and templates made literal for Hydra (idempotent).
+
+    `prompt=`, `inputs.FIELD=` and `task.*_template=` values are quoted for Hydra when the shell stripped the quotes,
+    with `${` kept as text; templates also turn `\\n`/`\\t` into newlines/tabs. Other arguments are left as they are.
+    """
+    literal = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        name = key.lstrip("+")
+        if sep and not arg.startswith("-") and (_is_text_key(name) or (name in TEMPLATE_KEYS and value != "null")):
+            text = _unquoted(value)
+            text = value if text is None else text
+            if name in TEMPLATE_KEYS:
+                text = _template_escapes(text)
+            arg = f"{key}={hydra_literal(text)}"
+        literal.append(arg)
+    return literal
