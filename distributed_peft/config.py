@@ -5,9 +5,7 @@ Nothing here imports torch: a bad value is reported in a fraction of a second, b
 
 from __future__ import annotations
 
-import csv
 import difflib
-import json
 import os
 import re
 import string
@@ -406,20 +404,10 @@ def resolve_data_format(path: str, fmt: Optional[str]) -> str:
 
 
 def read_columns(path: Path, fmt: str) -> list[str]:
-    """Column names of a local data file, read from its header or first record only."""
-    if fmt == "jsonl":
-        with path.open("rb") as f:  # only the first record is decoded: the loader reports a bad line further on
-            first = next((line for line in f if line.strip()), b"{}")
-        return list(json.loads(first.decode("utf-8")).keys())
-    if fmt == "json":
-        records = json.loads(path.read_text(encoding="utf-8"))
-        return list(records[0].keys()) if isinstance(records, list) and records else []
-    if fmt in ("csv", "tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            return next(csv.reader(f, delimiter="\t" if fmt == "tsv" else ","), [])
-    import pyarrow.parquet as pq
+    """Column names of a local data file, read from its header or first record only (a byte-order mark skipped)."""
+    from distributed_peft.data_files import column_names
 
-    return list(pq.read_schema(path).names)
+    return column_names(path, fmt)
 
 
 def _validate_data(task: DictConfig, problems: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""Task data: load (hub, local file or bundled sample, one code path), format prompts, tokenize, mask, split."""
+"""Task data: load (hub, bundled sample or a checked local file), format prompts, tokenize, mask, split."""
 
 from __future__ import annotations
 
@@ -12,105 +12,78 @@ import torch
 from omegaconf import DictConfig
 
 from distributed_peft.config import SAMPLE_DATA_DIR, resolve_data_format, resolve_data_source
+from distributed_peft.data_files import read_text_columns
 from distributed_peft.errors import DataError
+from distributed_peft.prompts import encode_prompt, format_completion, format_prompt, optional_fields
 
 IGNORE_INDEX = -100  # label of tokens that get no loss (prompt and padding)
 
 
 def _load_dataset_args(data: DictConfig) -> tuple[tuple, dict[str, Any]]:
-    """Arguments of `datasets.load_dataset` for a task's data source."""
-    source = resolve_data_source(data)
-    if source == "hub":
+    """Arguments of `datasets.load_dataset` for a hub or bundled sample source."""
+    if resolve_data_source(data) == "hub":
         return (data.hub_id, data.hub_config), {"split": data.hub_split}
-    if source == "sample":
-        return ("json",), {"data_files": str(SAMPLE_DATA_DIR / data.sample_file), "split": "train"}
-    fmt = resolve_data_format(data.path, data.format)
-    builder = {"jsonl": "json", "json": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet"}[fmt]
-    kwargs: dict[str, Any] = {"data_files": str(Path(data.path).resolve()), "split": "train"}
-    if builder == "csv":
-        kwargs.update(keep_default_na=False)  # an empty cell is "", not NaN
-        if fmt == "tsv":
-            kwargs.update(delimiter="\t")
-    return (builder,), kwargs
+    return ("json",), {"data_files": str(SAMPLE_DATA_DIR / data.sample_file), "split": "train"}
 
 
-def load_records(task: DictConfig):
-    """The task's examples as a `datasets.Dataset` with one column per template field and an `example_id`."""
+def _load_library_dataset(task: DictConfig, wanted: dict[str, str]):
+    """A hub dataset or the bundled sample through `datasets`, its wanted columns as text."""
     import datasets
 
     args, kwargs = _load_dataset_args(task.data)
-    if resolve_data_source(task.data) == "local":
-        _check_utf8(Path(task.data.path), resolve_data_format(task.data.path, task.data.format))
-    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # a parse failure is reported once, as one line below
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # a failure is reported once, as one line below
     try:
         dataset = datasets.load_dataset(*args, **kwargs)
-    except (FileNotFoundError, ValueError, ConnectionError) as exc:
-        raise DataError(f"task.data: cannot load {args[0]!r}: {str(exc).splitlines()[0]}") from exc
-    except datasets.exceptions.DatasetGenerationError as exc:  # a malformed line or cell somewhere in the file
-        raise DataError(f"task.data.path={task.data.path!r}: {_first_bad_record(task.data, exc)}") from exc
-    missing = sorted(set(task.data.columns.values()) - set(dataset.column_names))
+    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetGenerationError) as exc:
+        cause = exc.__cause__ or exc
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DataError(f"task.data: cannot load {args[0]!r}: {reason}") from exc
+    missing = sorted(set(wanted.values()) - set(dataset.column_names))
     if missing:
         raise DataError(
             f"task.data.columns: column(s) {', '.join(missing)} not in the data; "
             f"allowed: {', '.join(dataset.column_names)}"
         )
-    columns = dict(task.data.columns)
-    extra = {f"reference_{i}": column for i, column in enumerate(task.data.extra_references, start=1)}
-    missing = sorted(set(extra.values()) - set(dataset.column_names))
-    if missing:
-        raise DataError(f"task.data.extra_references: column(s) {', '.join(missing)} not in the data")
-    wanted = {**columns, **extra}
     dataset = dataset.select_columns(sorted(set(wanted.values())))
-    dataset = dataset.map(
+    return dataset.map(
         lambda row: {name: "" if row[column] is None else str(row[column]) for name, column in wanted.items()},
         remove_columns=[c for c in dataset.column_names if c not in wanted],
     )
+
+
+def _load_local_dataset(task: DictConfig, wanted: dict[str, str]):
+    """A local file's wanted columns, every value checked and made text (see data_files.py)."""
+    import datasets
+
+    path, fmt = Path(task.data.path), resolve_data_format(task.data.path, task.data.format)
+    required = {task.data.columns[name] for name in task.data.columns if name not in optional_fields(task)}
+    optional = set(wanted.values()) - required  # the input of an instruct task, extra references
+    texts = read_text_columns(path, fmt, sorted(set(wanted.values())), optional)
+    features = datasets.Features({name: datasets.Value("string") for name in wanted})
+    return datasets.Dataset.from_dict({name: texts[column] for name, column in wanted.items()}, features=features)
+
+
+def load_records(task: DictConfig):
+    """The task's examples as a `datasets.Dataset` with one text column per template field and an `example_id`."""
+    columns = dict(task.data.columns)
+    extra = {f"reference_{i}": column for i, column in enumerate(task.data.extra_references, start=1)}
+    wanted = {**columns, **extra}  # field name -> column of the data
+    if resolve_data_source(task.data) == "local":
+        dataset = _load_local_dataset(task, wanted)
+    else:
+        dataset = _load_library_dataset(task, wanted)
     return dataset.add_column("example_id", list(range(len(dataset))))
-
-
-def _check_utf8(path: Path, fmt: str) -> None:
-    """Text formats must be UTF-8 throughout: name the first line that is not (pyarrow would fail much later)."""
-    if fmt not in ("jsonl", "json", "csv", "tsv"):
-        return
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(
-                    f"task.data.path={str(path)!r}: line {number} is not UTF-8 ({error.reason} at byte {error.start}); "
-                    "allowed: UTF-8 text"
-                ) from error
-
-
-def _first_bad_record(data: DictConfig, exc: Exception) -> str:
-    """Where and why a local file failed to parse: the first bad line of a jsonl file, else the parser's reason."""
-    path, fmt = Path(data.path or ""), resolve_data_format(data.path or "", data.format)
-    if fmt == "jsonl" and path.is_file():
-        with path.open("rb") as f:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    if raw.strip():
-                        json.loads(raw.decode("utf-8"))
-                except ValueError as error:
-                    return f"line {number} is not valid JSON ({error}); allowed: one JSON object per line"
-    cause = exc.__cause__ or exc.__context__ or exc
-    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    return f"cannot be parsed as {fmt}: {reason}"
 
 
 def format_example(record: dict[str, Any], task: DictConfig) -> tuple[str, str]:
     """(prompt, completion) text of one record from the task's templates."""
-    template = task.prompt_template
-    if task.prompt_template_no_input and not str(record.get("input", "")).strip():
-        template = task.prompt_template_no_input
-    return template.format(**record), task.completion_template.format(**record)
+    return format_prompt(task, record), format_completion(task, record)
 
 
 def references(record: dict[str, Any], task: DictConfig) -> list[str]:
     """Every accepted completion of a record: the completion itself, then any extra reference columns."""
     extra = [record[k] for k in sorted(record) if k.startswith("reference_") and str(record[k]).strip()]
-    return [task.completion_template.format(**record), *extra]
+    return [format_completion(task, record), *extra]
 
 
 def tokenize_example(prompt: str, completion: str, tokenizer, max_seq_len: int) -> dict[str, Any]:
@@ -118,7 +91,7 @@ def tokenize_example(prompt: str, completion: str, tokenizer, max_seq_len: int) 
 
     Sequences longer than max_seq_len are cut at the end; `truncated` tells whether that happened.
     """
-    prompt_ids = tokenizer(prompt)["input_ids"]
+    prompt_ids = encode_prompt(prompt, tokenizer)
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + completion_ids)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_seq_len]
