@@ -51,7 +51,7 @@ _LEGACY_SIGNS = {"config.yaml", "adapter", "checkpoints"}
 
 def foreign_entries(directory: Path) -> list[str]:
     """Entries of an existing directory that this project did not write (empty when it is ours or empty)."""
-    names = sorted(p.name for p in directory.iterdir())
+    names = sorted(p.name for p in directory.iterdir() if p.name != LOCK_FILE and not p.name.startswith(TMP_PREFIX))
     if not names or (directory / OWNER_MARKER).is_file():
         return []
     if set(names) & _LEGACY_SIGNS:  # an earlier run of ours, from before the marker
@@ -82,9 +82,16 @@ class ClaimedDir:
     path: Path
     created: Path | None  # the topmost directory this command created (path itself or a parent), None if none
     existed_before: set[str] = field(default_factory=set)
+    lock: DirectoryLock | None = None
+
+    def unlock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def release(self) -> None:
         """Undo the claim after a failure: the directory if it was ours to create, else only what appeared in it."""
+        self.unlock()
         if not self.path.is_dir():
             return
         if self.created is not None:
@@ -95,8 +102,13 @@ class ClaimedDir:
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
-def claim_output_dir(path: str | Path, key: str = "output_dir", command: str | None = None) -> ClaimedDir:
-    """Check `path` (see check_output_dir), create it if absent and mark it as ours. Raises StorageError."""
+def claim_output_dir(
+    path: str | Path, key: str = "output_dir", command: str | None = None, lock: bool = False
+) -> ClaimedDir:
+    """Check `path` (see check_output_dir), create it if absent, lock it if asked, and mark it as ours.
+
+    Raises StorageError; when the lock is held by another run nothing is written or removed.
+    """
     path = Path(path)
     check_output_dir(path, key)
     created = None
@@ -107,6 +119,7 @@ def claim_output_dir(path: str | Path, key: str = "output_dir", command: str | N
     existed_before = {p.name for p in path.iterdir()} if created is None else set()
     try:
         path.mkdir(parents=True, exist_ok=True)
+        held = DirectoryLock(path, key).acquire() if lock else None
         marker = path / OWNER_MARKER
         if not marker.is_file():
             record = {"created_by": "distributed-peft", "command": command or " ".join(sys.argv), "time": time.time()}
@@ -114,7 +127,7 @@ def claim_output_dir(path: str | Path, key: str = "output_dir", command: str | N
     except OSError as exc:
         reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or str(exc)
         raise StorageError(f"{key}={str(path)!r} cannot be written: {reason}") from exc
-    return ClaimedDir(path, created, existed_before)
+    return ClaimedDir(path, created, existed_before, held)
 
 
 class DirectoryLock:

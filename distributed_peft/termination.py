@@ -19,12 +19,19 @@ from distributed_peft.errors import Preempted
 _requested = threading.Event()
 _deferring = 0
 _phase = ["starting"]
+_arrived_while = [""]
+
+
+def _stopped() -> Preempted:
+    return Preempted(f"SIGTERM while {_arrived_while[0]}: stopped; rerun the same command to start again or resume")
 
 
 def _handler(signum, frame) -> None:
+    if not _requested.is_set():
+        _arrived_while[0] = _phase[-1]
     _requested.set()
     if _deferring == 0:
-        raise Preempted(f"SIGTERM while {_phase[-1]}: stopped; rerun the same command to start again or resume")
+        raise _stopped()
 
 
 @contextmanager
@@ -71,4 +78,4 @@ def requested() -> bool:
 def raise_if_requested() -> None:
     """At the end of a deferred block: stop now if SIGTERM arrived inside it."""
     if _requested.is_set():
-        raise Preempted(f"SIGTERM while {_phase[-1]}: stopped; rerun the same command to start again or resume")
+        raise _stopped()

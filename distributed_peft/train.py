@@ -41,7 +41,7 @@ class FinetuneRecipe:
         self.start_step, self.nonfinite_steps = 0, 0
         self.tokens_seen = self.inputs_seen = self.seconds_before = 0.0
         self.epoch_generator_state: str | None = None
-        self.claim = self.lock = None
+        self.claim = None
         self.resume_changes: list[str] = []
         self.step_done = 0
         self.forced_resumes: list[dict[str, Any]] = []
@@ -146,25 +146,20 @@ class FinetuneRecipe:
         """Rank 0 checks output_dir is absent, empty or ours, marks it and locks it; every rank learns the outcome."""
         from distributed_peft.distributed import global_sum
         from distributed_peft.errors import StorageError
-        from distributed_peft.output_dirs import DirectoryLock, claim_output_dir
+        from distributed_peft.output_dirs import claim_output_dir
 
         error = None
         if self.accelerator.is_main_process:
             try:
                 check_writable(self.run_dir)
-                self.claim = claim_output_dir(self.run_dir)
-                self.lock = DirectoryLock(self.run_dir).acquire()
+                self.claim = claim_output_dir(self.run_dir, lock=True)  # another run's lock: nothing touched
             except StorageError as exc:
                 error = exc
-                self.abandon()
         if global_sum(self.accelerator, error is not None) > 0:
             raise error or StorageError(f"output_dir={str(self.run_dir)!r} could not be claimed by rank 0")
 
     def abandon(self) -> None:
         """After a failed setup: release the lock and remove only what this run created in output_dir."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
         if self.claim is not None:
             self.claim.release()
             self.claim = None
@@ -502,8 +497,8 @@ class FinetuneRecipe:
 
     def cleanup(self) -> None:
         self.log.close()
-        if self.lock is not None:
-            self.lock.release()
+        if self.claim is not None:
+            self.claim.unlock()
         self.accelerator.end_training()  # destroys the process group so the launcher exits cleanly
 
 
