@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import json
+import shutil
+import struct
 import sys
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from distributed_peft.atomic_files import TMP_PREFIX, atomic_directory
 from distributed_peft.cli import hydra_app
 from distributed_peft.config import validate_merge
-from distributed_peft.errors import AdapterError
+from distributed_peft.errors import AdapterError, StorageError
 from distributed_peft.model import BaseIdentity
+from distributed_peft.output_dirs import LOCK_FILE, OWNER_MARKER, check_output_dir, claim_output_dir
 
 ADAPTER_METADATA = "dpeft_adapter.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+MERGED_METADATA = "dpeft_merged.json"  # marks a dpeft-merge output: what was merged, onto which base
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_METADATA)
+# What commands read from dpeft_adapter.json: top-level keys with their JSON type, and the keys of the nested objects
+METADATA_KEYS = {"task": str, "base": dict, "peft": dict, "config": dict}
+JSON_KINDS = {str: "string", dict: "object"}
+METADATA_NESTED_KEYS = {"base": ("name", "family", "fingerprint"), "peft": ("method",), "config": ("task", "model")}
+MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors refuses larger headers
+REPAIR = "copy the adapter directory again whole, or retrain it"
 
 
 def save_adapter(accelerator, model, tokenizer, directory: Path, metadata: dict[str, Any]) -> Path:
     """Save the LoRA weights, gathered from every rank first (ZeRO-3 shards would otherwise save empty)."""
-    from distributed_peft.atomic_files import atomic_directory
     from distributed_peft.redaction import redact
 
     state_dict = accelerator.get_state_dict(model)  # collective: every rank must call it
@@ -36,14 +48,84 @@ def save_adapter(accelerator, model, tokenizer, directory: Path, metadata: dict[
     return directory
 
 
-def read_adapter_metadata(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / ADAPTER_METADATA
-    if not (Path(directory) / ADAPTER_WEIGHTS).is_file() or not path.is_file():
+def _check_safetensors(path: Path, where: str) -> None:
+    """Raise AdapterError unless `path` has a readable safetensors header and is as long as that header says."""
+    from safetensors import SafetensorError, safe_open
+
+    size = path.stat().st_size
+    malformed = f"{where}: {path.name} is not a safetensors file (malformed header); {REPAIR}"
+    if size < 8:
+        raise AdapterError(f"{where}: {path.name} is truncated ({size} bytes, not even a header); {REPAIR}")
+    with path.open("rb") as f:
+        header_size = struct.unpack("<Q", f.read(8))[0]
+        if header_size > MAX_SAFETENSORS_HEADER:
+            raise AdapterError(malformed)
+        if header_size > size - 8:
+            raise AdapterError(f"{where}: {path.name} is truncated ({size} bytes, shorter than its header); {REPAIR}")
+        try:
+            header = json.loads(f.read(header_size))
+            ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise AdapterError(malformed) from exc
+    expected = 8 + header_size + max(ends, default=0)
+    if size < expected:
+        raise AdapterError(f"{where}: {path.name} is truncated ({size} of {expected} bytes); {REPAIR}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AdapterError(f"{where}: {path.name} is not a readable safetensors file ({reason}); {REPAIR}") from exc
+
+
+def _read_json_object(path: Path, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise AdapterError(f"{where}: {path.name} is not valid JSON ({reason}); {REPAIR}") from exc
+    if not isinstance(value, dict):
+        raise AdapterError(f"{where}: {path.name} is not a JSON object; {REPAIR}")
+    return value
+
+
+def check_adapter_dir(directory: str | Path) -> dict[str, Any]:
+    """Raise AdapterError (one line) unless `directory` holds a complete, readable adapter; return its metadata.
+
+    Reads only headers and JSON: a missing, truncated or malformed file is named before any model loads.
+    """
+    directory = Path(directory)
+    where = f"adapter={str(directory)!r}"
+    if not directory.is_dir():
         raise AdapterError(
-            f"adapter={str(directory)!r} is not a distributed-peft adapter directory; "
-            f"it must hold {ADAPTER_WEIGHTS} and {ADAPTER_METADATA}"
+            f"{where} is not a distributed-peft adapter directory (no such directory); "
+            f"allowed: a directory holding {', '.join(ADAPTER_FILES)}"
         )
-    return json.loads(path.read_text())
+    missing = [name for name in ADAPTER_FILES if not (directory / name).is_file()]
+    if missing:
+        raise AdapterError(
+            f"{where} is not a distributed-peft adapter directory: {', '.join(missing)} missing; "
+            f"it must hold {', '.join(ADAPTER_FILES)}; {REPAIR}"
+        )
+    _check_safetensors(directory / ADAPTER_WEIGHTS, where)
+    _read_json_object(directory / ADAPTER_CONFIG, where)
+    metadata = _read_json_object(directory / ADAPTER_METADATA, where)
+    problems = [
+        f"{key} (a JSON {JSON_KINDS[kind]})"
+        for key, kind in METADATA_KEYS.items()
+        if not isinstance(metadata.get(key), kind)
+    ]
+    for key, nested in METADATA_NESTED_KEYS.items():
+        if isinstance(metadata.get(key), dict):
+            problems += [f"{key}.{name}" for name in nested if name not in metadata[key]]
+    if problems:
+        raise AdapterError(f"{where}: {ADAPTER_METADATA} lacks {', '.join(problems)}; {REPAIR}")
+    return metadata
+
+
+def read_adapter_metadata(directory: str | Path) -> dict[str, Any]:
+    """The metadata an adapter was saved with, after checking its files (AdapterError, one line, if incomplete)."""
+    return check_adapter_dir(directory)
 
 
 def recorded_recipe(metadata: dict[str, Any]) -> str | None:
@@ -147,20 +229,51 @@ def load_base_with_adapters(adapter_dirs: list[str | Path], allow_mismatch: bool
     return model, tokenizer, names, metadatas
 
 
+def check_merge_output(output: str | Path) -> None:
+    """Refuse, in one line and touching nothing, an output that is not absent, empty or an earlier merged model.
+
+    A run directory of ours (config.yaml, adapter/...) is refused too: replacing it would delete the run's adapter.
+    """
+    output = Path(output)
+    check_output_dir(output, key="output")
+    if not output.is_dir() or (output / MERGED_METADATA).is_file():
+        return
+    entries = sorted(p.name for p in output.iterdir() if p.name not in (OWNER_MARKER, LOCK_FILE))
+    entries = [name for name in entries if not name.startswith(TMP_PREFIX)]
+    if entries:
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        raise StorageError(
+            f"output={str(output)!r} holds a distributed-peft run ({shown}), not a merged model; nothing was touched; "
+            "allowed: a new or empty directory, or an earlier dpeft-merge output"
+        )
+
+
 def merge_adapter(adapter_dir: str | Path, output: str | Path, allow_mismatch: bool = False) -> Path:
     """Merge an adapter into a full-precision copy of its base and save a standard transformers model.
 
     A QLoRA adapter learned against the 4-bit weights, so its base is dequantized (not reloaded from the original
-    weights): the merged model then computes what base + adapter computed.
+    weights): the merged model then computes what base + adapter computed. `output` must be absent, empty or an
+    earlier merged model (checked before anything loads); the model appears there whole or not at all, marked as
+    ours, and a failed merge removes only what it created.
     """
-    base, tokenizer, metadatas = load_matching_base([adapter_dir], allow_mismatch)
-    if metadatas[0]["peft"]["method"] == "qlora":
-        base = base.dequantize()
-    merged = load_adapter(base, adapter_dir).merge_and_unload()
     output = Path(output)
-    merged.save_pretrained(output, safe_serialization=True)
-    tokenizer.save_pretrained(output)
-    (output / "dpeft_merged.json").write_text(json.dumps({"adapter": str(adapter_dir), **metadatas[0]}, indent=2))
+    check_adapter_dir(adapter_dir)
+    check_merge_output(output)
+    claim = claim_output_dir(output, key="output", command="dpeft-merge")
+    try:
+        base, tokenizer, metadatas = load_matching_base([adapter_dir], allow_mismatch)
+        if metadatas[0]["peft"]["method"] == "qlora":
+            base = base.dequantize()
+        merged = load_adapter(base, adapter_dir).merge_and_unload()
+        record = json.dumps({"adapter": str(adapter_dir), **metadatas[0]}, indent=2)
+        with atomic_directory(output) as staging:  # the earlier merged model (or our empty claim) steps aside
+            merged.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            (staging / MERGED_METADATA).write_text(record)
+            shutil.copy2(output / OWNER_MARKER, staging / OWNER_MARKER)
+    except BaseException:
+        claim.release()
+        raise
     return output
 
 
