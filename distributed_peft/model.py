@@ -29,7 +29,10 @@ class BaseIdentity:
 
 
 def resolve_base(model_cfg: DictConfig) -> tuple[str, BaseIdentity]:
-    """The directory or hub id to load, and the base's identity (weights sha256 for embedded bases)."""
+    """The directory or hub id to load, and the base's identity (weights sha256 for embedded bases).
+
+    A hub id is checked first (distributed_peft/hub.py): unreachable and not cached is a one-line ConfigError.
+    """
     if model_cfg.embedded:
         from distributed_peft.embedded_base import base_metadata, build_base, recipe_digest
 
@@ -42,7 +45,10 @@ def resolve_base(model_cfg: DictConfig) -> tuple[str, BaseIdentity]:
         from distributed_peft.embedded_base import weights_fingerprint
 
         return path, BaseIdentity(model_cfg.name, model_cfg.family, path, weights_fingerprint(path))
-    return path, BaseIdentity(model_cfg.name, model_cfg.family, path, f"hub:{path}")
+    from distributed_peft.hub import resolve_hub_model
+
+    # an unreachable Hub is one line now, not a minute of retries when the weights load
+    return resolve_hub_model(path), BaseIdentity(model_cfg.name, model_cfg.family, path, f"hub:{path}")
 
 
 def compute_dtype(cfg: DictConfig) -> torch.dtype:
