@@ -8,6 +8,7 @@ those corpora, so that adapters have a real language model to adapt. It is cache
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -23,10 +24,11 @@ from safetensors import safe_open
 
 from distributed_peft.cli import hydra_app
 from distributed_peft.config import SAMPLE_DATA_DIR
-from distributed_peft.errors import ConfigError
+from distributed_peft.errors import ConfigError, StorageError
 
 BASE_METADATA = "dpeft_base.json"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+CACHE_SLACK_BYTES = 16 * 2**20  # tokenizer files, metadata, filesystem blocks
 
 
 def dpeft_home() -> Path:
@@ -64,6 +66,43 @@ def recipe_digest(model_cfg: DictConfig) -> str:
 def base_dir(model_cfg: DictConfig) -> Path:
     """Cache directory of an embedded base: changes whenever its shape, seed, pretraining or corpora change."""
     return dpeft_home() / "bases" / f"{model_cfg.name}-{recipe_digest(model_cfg)}"
+
+
+def bytes_needed(model_cfg: DictConfig) -> int:
+    """An upper bound of what building a base writes: float32 weights (untied embeddings), tokenizer, slack."""
+    base = model_cfg.base
+    vocab = 64 * math.ceil(base.vocab_size / 64) + 64
+    params = 2 * vocab * base.hidden_size + base.num_layers * (
+        4 * base.hidden_size**2 + 3 * base.hidden_size * max(base.intermediate_size, 4 * base.hidden_size)
+    )
+    return 2 * 4 * params + CACHE_SLACK_BYTES  # twice: the staging copy and a replaced older one coexist briefly
+
+
+def _write_probe(directory: Path) -> None:
+    """Create and remove a small file in `directory` (creating the directory): OSError when the cache takes none."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-") as probe:
+        probe.write(b"ok")
+        probe.flush()
+
+
+def check_cache(model_cfg: DictConfig) -> None:
+    """Raise StorageError (one line) unless $DPEFT_HOME takes the base: checked before a minute of pretraining."""
+    bases = base_dir(model_cfg).parent
+    needed_mib = math.ceil(bytes_needed(model_cfg) / 2**20)
+    fix = f"set DPEFT_HOME to a writable directory with {needed_mib} MiB free"
+    try:
+        _write_probe(bases)
+        free = shutil.disk_usage(bases).free
+    except OSError as exc:
+        reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or str(exc)
+        where = f"DPEFT_HOME={str(dpeft_home())!r}: the cache of embedded bases ({bases})"
+        raise StorageError(f"{where} cannot be written ({reason}); {fix}") from exc
+    if free < bytes_needed(model_cfg):
+        raise StorageError(
+            f"DPEFT_HOME={str(dpeft_home())!r}: {bases} has {free / 2**20:.0f} MiB free, building base "
+            f"{model_cfg.name} needs {needed_mib} MiB; free space there or {fix}"
+        )
 
 
 def weights_fingerprint(model_dir: str | Path) -> str:
@@ -188,6 +227,7 @@ def build_base(model_cfg: DictConfig, force: bool = False) -> Path:
     target = base_dir(model_cfg)
     if (target / BASE_METADATA).is_file() and not force:
         return target
+    check_cache(model_cfg)  # a read-only or full cache is one line now, not a traceback after pretraining
     base = model_cfg.base
     print(f"Building embedded base {model_cfg.name} in {target}")
     texts = corpus_texts()
