@@ -74,9 +74,9 @@ prebuilt: $(STAMP)
 			export_prebuilt(Path('runs/prebuilt-$$task'), PREBUILT_DIR / '$$task')" || exit 1; \
 	done
 
-# Retrain every shipped adapter from its recorded config and compare its metrics (exit 1 on a fail)
+# Retrain every shipped adapter from its recorded config and compare its metrics (exit 1 on a fail); task=NAME for one
 reproduce: $(STAMP)
-	$(VENV)/bin/dpeft-reproduce task=all
+	$(VENV)/bin/dpeft-reproduce output_dir=runs/reproduce
 
 clean:
 	rm -rf runs outputs .pytest_cache .ruff_cache tests/artifacts
