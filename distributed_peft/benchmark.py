@@ -8,7 +8,8 @@ Variants, on the same data, model, LoRA, optimizer, schedule and examples (one e
   ours_group_by_length, ours_padding_free, trl_padding_free (TRL's own packing, the strongest peer recipe).
 Each run is its own subprocess (peak RSS is per run); variants are interleaved and repeated, and the table gives
 the median and range of non-pad tokens/s, the ratio to the baseline, padding waste, peak memory and the final eval
-loss (our completion-only evaluation on the same validation split for every variant). Writes bench.json, bench.md.
+loss (our completion-only evaluation on the same validation split for every variant). Writes bench.json, bench.md
+into --output, which must be absent, empty or made by distributed-peft (checked before the first run).
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distributed_peft.atomic_files import atomic_write_text
+from distributed_peft.cli import report_user_error
 from distributed_peft.config import PROJECT_ROOT
+from distributed_peft.errors import USER_ERROR_EXIT_CODE, DpeftError
+from distributed_peft.output_dirs import ClaimedDir, claim_output_dir
 
 VARIANTS = ("trl_padded", "ours_padded", "ours_group_by_length", "ours_padding_free", "trl_padding_free")
 BASELINE = "trl_padded"
@@ -153,7 +158,7 @@ def summarize(runs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any
     return rows, "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["detox", "instruct"])
     parser.add_argument("--repeats", type=int, default=3)
@@ -161,11 +166,38 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--output", type=Path, default=Path("runs/bench"))
     parser.add_argument("--child", nargs=4, metavar=("VARIANT", "TASK", "EXAMPLES", "RESULT"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         variant, task, examples, result = args.child
         child(variant, task, int(examples), Path(result))
         return
+    claimed = claim_bench_output(args.output)
+    try:
+        report, markdown = run_benchmark(args)
+        atomic_write_text(args.output / "bench.json", json.dumps(report, indent=2))
+        atomic_write_text(args.output / "bench.md", "\n".join(markdown))
+    except DpeftError as error:  # a failed write: one line; remove what this benchmark created, nothing else
+        claimed.release()
+        report_user_error(error, "dpeft-bench")
+        sys.exit(error.exit_code)
+    except BaseException:  # a failed run or Ctrl-C: the same clean-up, the error as it is
+        claimed.release()
+        raise
+    print("\n".join(markdown))
+    print(f"written: {args.output / 'bench.md'}")
+
+
+def claim_bench_output(output: Path) -> ClaimedDir:
+    """Claim --output (absent, empty or ours) before an hour of runs, or exit 2 with one line."""
+    try:
+        return claim_output_dir(output, key="--output", command="dpeft-bench")
+    except DpeftError as error:
+        report_user_error(error, "dpeft-bench")
+        sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """Every variant on every task, interleaved and repeated; the report and its markdown tables."""
     variants = [BASELINE, *[v for v in args.variants if v != BASELINE]]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -187,11 +219,7 @@ def main() -> None:
         rows, table = summarize(runs, task)
         report["tables"][task] = rows
         markdown += [table, ""]
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "bench.json").write_text(json.dumps(report, indent=2))
-    (args.output / "bench.md").write_text("\n".join(markdown))
-    print("\n".join(markdown))
-    print(f"written: {args.output / 'bench.md'}")
+    return report, markdown
 
 
 if __name__ == "__main__":

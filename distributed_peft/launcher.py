@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from distributed_peft.cli import check_overrides, report_user_error
 from distributed_peft.config import HOST_PATTERN, PROJECT_ROOT
 from distributed_peft.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError, DpeftError
-from distributed_peft.output_dirs import ClaimedDir
+from distributed_peft.output_dirs import ClaimedDir, check_output_dir
 
 LAUNCH_TEMPLATES = PROJECT_ROOT / "launch"
 # config key -> (the environment variable read when the key is null, the default when neither is set, what is allowed,
@@ -249,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("dpeft-launch takes key=value overrides only (no Hydra flags or sweeps)")
         gpus = cuda_device_count()
         plan = plan_launch(cfg, overrides, gpus)
-        claimed = None if dry_run else write_launch_files(plan, cfg.output_dir)
+        if dry_run:  # refused where the launch would be, without writing anything
+            check_output_dir(cfg.output_dir)
+        else:
+            claimed = write_launch_files(plan, cfg.output_dir)
     except DpeftError as error:
         report_user_error(error, "dpeft-launch")
         return USER_ERROR_EXIT_CODE
