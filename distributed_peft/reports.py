@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,15 @@ def _samples_markdown(samples: list[dict[str, str]]) -> list[str]:
     return lines
 
 
-def write_eval_reports(run_dir: Path, results: dict[str, Any], title: str) -> None:
-    """eval.json, eval.md (metrics table and side-by-side generations) and eval_metrics.png in the run directory."""
+def write_eval_reports(run_dir: Path, results: dict[str, Any], title: str, header: Sequence[str] = ()) -> None:
+    """eval.json, eval.md (metrics table and side-by-side generations) and eval_metrics.png in the run directory.
+
+    `header`: lines shown under the title of eval.md (dpeft-eval: which adapter, on which data).
+    """
     atomic_write_text(run_dir / "eval.json", json.dumps(results, indent=2))
     improvement = results["base"]["loss"] - results["adapter"]["loss"]
-    md = [f"# {title}", "", metrics_table(results), "", f"Eval loss lowered by {improvement:.4f} by the adapter.", ""]
+    md = [f"# {title}", "", *(f"- {line}" for line in header), *([""] if header else [])]
+    md += [metrics_table(results), "", f"Eval loss lowered by {improvement:.4f} by the adapter.", ""]
     if results.get("samples"):
         md += _samples_markdown(results["samples"])
     atomic_write_text(run_dir / "eval.md", "\n".join(md))
