@@ -30,7 +30,7 @@ def test_console_script_trains_and_dpeft_eval_reproduces_it(tmp_path, bases):
     assert f"adapter: {out / 'adapter'}" in proc.stdout
     trained = json.loads((out / "eval.json").read_text())
     (out / "eval.json").unlink()
-    proc = run([str(BIN / "dpeft-eval"), f"adapter={out / 'adapter'}"])
+    proc = run([str(BIN / "dpeft-eval"), f"output_dir={out}"])  # the run's adapter, reports into that run
     assert f"reports: {out / 'eval.md'}" in proc.stdout
     evaluated = json.loads((out / "eval.json").read_text())
     assert abs(evaluated["adapter"]["loss"] - trained["adapter"]["loss"]) < 1e-4

@@ -78,7 +78,8 @@ def test_qlora_adapter_beats_base_saves_complete_and_reloads(task, model, tmp_pa
     assert card["base"]["fingerprint"] == fingerprint
     assert fingerprint in (tmp_path / "README.md").read_text()
 
-    reloaded = run_evaluation(compose_config([f"adapter={tmp_path / 'adapter'}"]))
+    again = [f"adapter={tmp_path / 'adapter'}", f"output_dir={tmp_path / 'reevaluated'}"]
+    reloaded = run_evaluation(compose_config(again), again)
     assert reloaded["adapter"]["loss"] == pytest.approx(logged_eval[-1], abs=1e-4)
     assert reloaded["base"]["loss"] == pytest.approx(results["base"]["loss"], abs=1e-4)
 
