@@ -221,6 +221,29 @@ def test_every_node_of_a_launch_writes_into_the_directory_node_0_claimed(monkeyp
     assert (out / OWNER_MARKER).is_file()
 
 
+def test_node_0_refuses_a_directory_another_run_holds_and_other_nodes_join_it(monkeypatch, capsys, tmp_path):
+    import os
+
+    from distributed_peft.output_dirs import DirectoryLock
+
+    monkeypatch.setattr(launcher, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(launcher, "run_forwarding_sigterm", lambda *args: 0)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / OWNER_MARKER).write_text("{}\n")
+    layout = ["num_machines=2", f"output_dir={out}"]
+    with DirectoryLock(out):  # node 0's run, already training
+        before = snapshot(tmp_path)
+        assert launcher.main([*layout, "machine_rank=0"]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(
+            f"dpeft-launch: error: output_dir='{out}' is in use by another run (PID {os.getpid()} on"
+        )
+        assert snapshot(tmp_path) == before, "the running launch's files are not overwritten"
+        assert launcher.main([*layout, "machine_rank=1"]) == 0
+    assert (out / "launch" / "accelerate-node1.yaml").is_file()
+
+
 def test_a_launch_that_fails_before_its_run_writes_removes_the_directory_it_created(monkeypatch, tmp_path):
     monkeypatch.setattr(launcher, "cuda_device_count", lambda: 0)
     monkeypatch.setattr(launcher, "run_forwarding_sigterm", lambda *args: 2)
