@@ -123,7 +123,7 @@ def _csv_records(path: Path, fmt: str) -> Iterator[tuple[str, dict[str, Any]]]:
     for number, row in rows:
         if len(row) != len(header):
             raise BadData(
-                f"line {number} has {len(row)} fields where the header has {len(header)}; "
+                f"line {number} has {len(row)} field(s) where the header has {len(header)}; "
                 "allowed: one field per column (quote a cell that holds the delimiter or a line break)"
             )
         yield f"line {number}", dict(reversed(list(zip(header, row, strict=True))))  # a repeated name: the first
