@@ -48,7 +48,7 @@ def check_overrides(
 
     Returns None when the command line holds sweeps or Hydra flags, which Hydra itself must expand.
     """
-    overrides = literal_overrides(overrides)  # prompts, inputs and templates are text, never config syntax
+    overrides = literal_overrides(overrides, config_name)  # prompts, inputs and templates are text, not syntax
     if any(arg.startswith("-") for arg in overrides):
         return None
     plain = [o for o in overrides if not re.match(r"^[+~]*hydra[./=]", o)]
@@ -104,7 +104,7 @@ def hydra_app(
 
         @functools.wraps(fn)
         def entry() -> Any:
-            sys.argv[1:] = literal_overrides(sys.argv[1:])  # what Hydra parses below: user text quoted as text
+            sys.argv[1:] = literal_overrides(sys.argv[1:], config_name)  # what Hydra parses: user text as text
             register_configs()
             try:
                 check_overrides(sys.argv[1:], config_name, validator)

@@ -118,10 +118,6 @@ _INTERPOLATION = re.compile(r"(\\*)\$\{")
 _QUOTE_RUN = re.compile(r"(\\*)('|\Z)")
 
 
-def _is_text_key(name: str) -> bool:
-    return name == "prompt" or (name.startswith("inputs.") and len(name) > len("inputs."))
-
-
 def hydra_literal(text: str) -> str:
     """`text` as a Hydra override value that Hydra and OmegaConf both read back exactly (no interpolation)."""
     escaped = _INTERPOLATION.sub(lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)  # OmegaConf: \${ is literal
@@ -156,21 +152,26 @@ def _template_escapes(text: str) -> str:
     return re.sub(r"\\([nt])", lambda m: "\n" if m.group(1) == "n" else "\t", text)
 
 
-def literal_overrides(argv: list[str]) -> list[str]:
-    """The command line with prompts, inputs and templates made literal for Hydra (idempotent).
+def literal_overrides(argv: list[str], config_name: str = "config") -> list[str]:
+    """The command line with templates (and dpeft-generate's prompt and inputs) made literal for Hydra (idempotent).
 
-    `prompt=`, `inputs.FIELD=` and `task.*_template=` values are quoted for Hydra when the shell stripped the quotes,
-    with `${` kept as text; templates also turn `\\n`/`\\t` into newlines/tabs. Other arguments are left as they are.
+    `task.*_template=` values, and under the `generate` config `prompt=` and `inputs.FIELD=`, are quoted for Hydra
+    when the shell stripped the quotes, with `${` kept as text; templates also turn `\\n`/`\\t` into newlines/tabs, and
+    `inputs.FIELD=` needs no `+`. Other arguments are left as they are.
     """
     literal = []
     for arg in argv:
         key, sep, value = arg.partition("=")
         name = key.lstrip("+")
-        if sep and not arg.startswith("-") and (_is_text_key(name) or (name in TEMPLATE_KEYS and value != "null")):
+        template = name in TEMPLATE_KEYS and value != "null"
+        text_key = config_name == "generate" and (name == "prompt" or bool(re.fullmatch(r"inputs\.[^.]+", name)))
+        if sep and not arg.startswith("-") and (template or text_key):
             text = _unquoted(value)
             text = value if text is None else text
-            if name in TEMPLATE_KEYS:
+            if template:
                 text = _template_escapes(text)
+            if name.startswith("inputs.") and key == name:
+                key = "++" + name  # inputs starts empty: a field is added (or replaced) without the user's `+`
             arg = f"{key}={hydra_literal(text)}"
         literal.append(arg)
     return literal

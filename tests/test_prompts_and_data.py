@@ -228,6 +228,10 @@ def test_generate_and_the_explorer_honour_the_instruct_input(monkeypatch, capsys
         monkeypatch, capsys, [f"adapters=[{PREBUILT / 'instruct'}]", "prompt=Sum the numbers", "+inputs.input=1, 2"]
     )
     assert "<Instruction>: Sum the numbers\n<Input>: 1, 2\n<Response>: " in out
+    without_plus = generate_cli(
+        monkeypatch, capsys, [f"adapters=[{PREBUILT / 'instruct'}]", "prompt=Sum the numbers", "inputs.input=1, 2"]
+    )
+    assert without_plus == out
     answer = ask(explorer, {"task": "instruct", "prompt": "Sum the numbers", "inputs": {"input": "1, 2"}})
     assert answer["prompt"].endswith("<Instruction>: Sum the numbers\n<Input>: 1, 2\n<Response>: ")
     page = explorer.submit("instruct", {"instruction": "Sum the numbers", "input": ""}, TOKENS).result(timeout=120)
@@ -288,10 +292,11 @@ def test_config_syntax_in_a_prompt_or_a_data_value_is_text(monkeypatch, capsys, 
 def test_user_text_on_the_command_line_reaches_the_config_exactly(text):
     for key in ("prompt", "+inputs.context"):
         typed = [f"{key}={text}"]  # as bash passes it once the quotes are stripped
-        assert literal_overrides(literal_overrides(typed)) == literal_overrides(typed), "applied twice: unchanged"
+        once = literal_overrides(typed, "generate")
+        assert literal_overrides(once, "generate") == once, "applied twice: unchanged"
         cfg = compose_config_generate([f"adapters=[{PREBUILT / 'sql'}]", *typed])
         assert (cfg.prompt if key == "prompt" else cfg.inputs.context) == text
-        assert literal_overrides([f"{key}={hydra_literal(text)}"]) == literal_overrides(typed), "Hydra-quoted: same"
+        assert literal_overrides([f"{key}={hydra_literal(text)}"], "generate") == once, "Hydra-quoted: the same"
 
 
 def compose_config_generate(overrides: list[str]):
@@ -332,3 +337,4 @@ def test_a_hydra_quoted_template_and_interpolation_in_it_are_text(tmp_path):
 def test_arguments_that_are_not_user_text_are_left_as_they_are():
     argv = ["task=sql", "training.lr=1e-4", "-m", "output_dir=runs/x", "task.name=${oc.env:USER}", "~task.metrics"]
     assert literal_overrides(argv) == argv
+    assert literal_overrides(["prompt=${x}", "inputs.a=b"]) == ["prompt=${x}", "inputs.a=b"], "only dpeft-generate's"
