@@ -200,13 +200,25 @@ def sources(cfg: DictConfig) -> list[Path]:
     return [PREBUILT_DIR / task for task in (available_tasks() if cfg.task is None else [cfg.task.name])]
 
 
+def finished_earlier(run_dir: Path) -> bool:
+    """Whether run_dir holds a finished reproduction: an adapter newer than every checkpoint (a retraining that was
+    interrupted has newer checkpoints, and resumes)."""
+    adapter = run_dir / "adapter"
+    if not adapter.is_dir():
+        return False
+    saved = adapter.stat().st_mtime
+    return all(step.stat().st_mtime <= saved for step in (run_dir / "checkpoints").glob("step-*"))
+
+
 def reproduce(source: Path, output_root: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Retrain one prebuilt adapter from its config.yaml; return the comparison rows and fingerprint check."""
     from distributed_peft.train import run_training
 
     cfg = load_recorded_config(OmegaConf.load(source / "config.yaml"))
     cfg.output_dir = str(output_root / source.name)
-    reproduced = run_training(cfg)
+    if finished_earlier(Path(cfg.output_dir)):  # retrain it, rather than evaluate the earlier adapter again
+        cfg.training.resume = "false"
+    reproduced = run_training(cfg)  # else an interrupted one (SIGTERM, exit 75) resumes from its checkpoint
     prebuilt = json.loads((source / "metrics.json").read_text())
     recorded = json.loads((source / "dpeft_adapter.json").read_text())["base"]["fingerprint"]
     rebuilt = json.loads((Path(cfg.output_dir) / "adapter" / "dpeft_adapter.json").read_text())["base"]["fingerprint"]

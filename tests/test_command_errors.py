@@ -259,6 +259,20 @@ def test_reproduce_under_sigterm_exits_75_with_one_line(when, tmp_path, bases):
         assert list((out / "detox" / "checkpoints").glob("step-*")), "the rerun resumes from a checkpoint"
 
 
+def test_a_rerun_resumes_an_interrupted_reproduction_and_retrains_a_finished_one(tmp_path):
+    from distributed_peft.reproduce import finished_earlier
+
+    run = tmp_path / "detox"
+    (run / "checkpoints" / "step-000002").mkdir(parents=True)
+    assert not finished_earlier(run), "SIGTERM before the adapter was saved: the rerun resumes"
+    (run / "adapter").mkdir()
+    os.utime(run / "checkpoints" / "step-000002", (1_000, 1_000))
+    assert finished_earlier(run), "an adapter newer than every checkpoint: the rerun trains again"
+    (run / "checkpoints" / "step-000005").mkdir()
+    os.utime(run / "adapter", (500, 500))
+    assert not finished_earlier(run), "a retraining interrupted after its first checkpoint: the rerun resumes it"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # A Hub that cannot be reached: one line within 15 s, with the way to work offline
 
