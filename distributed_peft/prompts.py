@@ -45,7 +45,11 @@ def prompt_template(task: DictConfig, record: dict[str, Any]) -> str:
 def main_field(task: DictConfig) -> str:
     """The field a free-text prompt fills (detox: toxic, sql: question, instruct: instruction): the last placeholder
     of the template the task uses when its optional fields are empty."""
-    return template_fields(task.prompt_template_no_input or task.prompt_template)[-1]
+    template = task.prompt_template_no_input or task.prompt_template
+    fields = template_fields(template)
+    if not fields:
+        raise ConfigError(f"task.prompt_template={template!r} has no {{field}}; allowed: a template with a field")
+    return fields[-1]
 
 
 def render(template: str, record: dict[str, Any], key: str) -> str:
