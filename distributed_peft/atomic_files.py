@@ -96,20 +96,18 @@ def remove_leftovers(directory: str | Path) -> int:
 def check_writable(directory: str | Path) -> None:
     """Raise StorageError (one line) unless `directory`, or the folder it will be created in, takes files.
 
-    Creates nothing that stays: a probe file is written and removed in the nearest existing folder.
+    Writes nothing: the kernel's access check (a read-only filesystem, or permissions that bind this user).
     """
     directory = Path(directory).absolute()
     existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    probe = existing / f"{TMP_PREFIX}probe-{uuid.uuid4().hex[:8]}"
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise StorageError(
-            f"output_dir={str(directory)!r} is not writable: {reason}; allowed: a directory this user can write"
-        ) from exc
+    if not existing.is_dir():
+        reason = f"{existing} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = f"{existing} is read-only for this user"
+    else:
+        return
+    raise StorageError(
+        f"output_dir={str(directory)!r} is not writable: {reason}; allowed: a directory this user can write"
+    )

@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -75,6 +76,19 @@ def check_overrides(
             cfg = compose(config_name=config_name, overrides=plain)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_one_line(exc)) from exc
+    except AssertionError as exc:  # OmegaConf's update of a key under a group this command left empty (null)
+        chosen = {o.key_or_group for o in parsed if "." not in o.key_or_group}
+        inside = [o for o in parsed if "." in o.key_or_group and o.key_or_group.split(".")[0] not in chosen]
+        if not inside:
+            raise
+        problems = []
+        for override in inside:
+            group = override.key_or_group.split(".")[0]
+            problems.append(
+                f"{override.input_line} sets a key of {group!r}, which {config_name}.yaml leaves empty; "
+                f"allowed: choose it first ({group}=NAME) or drop the key"
+            )
+        raise ConfigError(problems) from exc
     validator(cfg)
     return cfg
 
@@ -87,6 +101,19 @@ def _remove_if_empty(directory: str) -> None:
         pass
 
 
+def per_job_output_dir(argv: list[str]) -> list[str]:
+    """Under -m, a fixed `output_dir=X` becomes X/<job number>: two jobs of a sweep never share a run directory."""
+    if not {"-m", "--multirun"} & set(argv):
+        return argv
+    rewritten = []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key == "output_dir" and re.fullmatch(r"[\w./~+-]+", value):  # a sweep (a,b or choice(...)) stays
+            arg = f"output_dir={value.rstrip('/')}/${{hydra:job.num}}"
+        rewritten.append(arg)
+    return rewritten
+
+
 def hydra_app(
     prog: str, config_name: str = "config", validator: Callable[[DictConfig], None] = validate
 ) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
@@ -94,12 +121,16 @@ def hydra_app(
 
     def decorator(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         def run_checked(cfg: DictConfig) -> Any:
+            from distributed_peft.termination import handle_sigterm
+
             try:
-                validator(cfg)
-                return fn(cfg)
+                with handle_sigterm():  # SIGTERM in any phase: one line and exit 75 (see termination.py)
+                    validator(cfg)
+                    return fn(cfg)
             except DpeftError as error:
                 report_user_error(error, prog)
-                _remove_if_empty(HydraConfig.get().runtime.output_dir)
+                if HydraConfig.get().mode == RunMode.MULTIRUN:  # the job directory Hydra made for this job
+                    _remove_if_empty(HydraConfig.get().runtime.output_dir)
                 sys.exit(error.exit_code)
 
         @functools.wraps(fn)
@@ -111,6 +142,7 @@ def hydra_app(
             except DpeftError as error:
                 report_user_error(error, prog)
                 sys.exit(USER_ERROR_EXIT_CODE)
+            sys.argv[1:] = per_job_output_dir(sys.argv[1:])
             return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(run_checked)()
 
         return entry

@@ -280,14 +280,6 @@ def validate_merge(cfg: DictConfig) -> None:
         raise ConfigError(problems)
 
 
-def run_dir(adapter: Optional[str], output_dir: str) -> str:
-    """Where a run writes: the adapter's run directory for `dpeft-eval adapter=...`, else output_dir."""
-    if adapter:
-        path = Path(adapter)
-        return str(path.parent if path.name == "adapter" else path)
-    return output_dir
-
-
 def register_configs() -> None:
     """Register the schema that `conf/config.yaml` starts its defaults list with, and its resolvers."""
     store = ConfigStore.instance()
@@ -295,8 +287,19 @@ def register_configs() -> None:
     store.store(name="generate_config", node=GenerateConfig)
     store.store(name="merge_config", node=MergeConfig)
     store.store(name="explore_config", node=ExploreConfig)
-    if not OmegaConf.has_resolver("dpeft_run_dir"):
-        OmegaConf.register_new_resolver("dpeft_run_dir", run_dir)
+    if not OmegaConf.has_resolver("dpeft_output_dir"):
+        OmegaConf.register_new_resolver("dpeft_output_dir", default_output_dir)
+
+
+def default_output_dir(name: str) -> str:
+    """runs/<name>; in a Hydra multirun (-m) each job's own directory under the sweep's, so no two jobs share one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        sweep = HydraConfig.get().sweep
+        return str(Path(sweep.dir) / str(sweep.subdir))
+    return f"runs/{name}"
 
 
 def group_options(group: str) -> list[str]:
@@ -611,10 +614,12 @@ def validate(cfg: DictConfig) -> None:
             f"evaluation.show_examples <= {evaluation.max_generate_examples}, or a larger max_generate_examples"
         )
     _validate_data(task, problems)
-    try:  # Hydra creates the run directory before the run starts: an unwritable one must be refused here
+    try:  # output_dir: absent, empty or ours, and writable, known before torch is imported
         from distributed_peft.atomic_files import check_writable
+        from distributed_peft.output_dirs import check_output_dir
 
-        check_writable(run_dir(cfg.adapter, cfg.output_dir))
+        check_output_dir(cfg.output_dir)
+        check_writable(cfg.output_dir)
     except DpeftError as error:
         problems.extend(error.problems)
     if problems:

@@ -51,11 +51,16 @@ def evaluation_mode(model) -> Iterator[None]:
             module.training = training
 
 
-def evaluate_loss(model, loader, accelerator) -> dict[str, float]:
-    """Token-weighted eval loss and next-token accuracy over completion tokens, exact across ranks."""
+def evaluate_loss(model, loader, accelerator, stop=None) -> dict[str, float]:
+    """Token-weighted eval loss and next-token accuracy over completion tokens, exact across ranks.
+
+    `stop()`, asked before each batch (the same answer on every rank), ends it early: the result says `stopped`.
+    """
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     with evaluation_mode(model):
         for batch in loader:
+            if stop is not None and stop():
+                return {"stopped": True}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             stats = completion_token_stats(logits, batch["labels"])
             per_example = torch.stack([stats["loss_sum"].double(), stats["tokens"].double(), stats["correct"].double()])

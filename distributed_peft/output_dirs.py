@@ -45,8 +45,10 @@ OUR_ENTRIES = {
     "wandb",
     "reproduce.md",
     "multirun.yaml",
+    "bench.json",
+    "bench.md",
 }
-_LEGACY_SIGNS = {"config.yaml", "adapter", "checkpoints"}
+_LEGACY_SIGNS = {"config.yaml", "adapter", "checkpoints", "bench.json"}
 
 
 def foreign_entries(directory: Path) -> list[str]:

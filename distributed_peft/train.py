@@ -81,6 +81,8 @@ class FinetuneRecipe:
         with termination.phase("preparing the base model"), accelerator.main_process_first():
             self.base_path, self.base_identity = resolve_base(cfg.model)  # rank 0 builds an embedded base
         self.fingerprint["base.fingerprint"] = self.base_identity.fingerprint
+        if not cfg.model.embedded:  # an embedded base's width is in its config, checked already
+            self._check_lora_rank()
         if self.resume_from is not None:  # the same settings on another base is another run too
             self.resume_changes = check_same_run(recorded["run"], self.fingerprint, self.resume_from, force)
             if self.resume_changes:
@@ -156,7 +158,7 @@ class FinetuneRecipe:
             except StorageError as exc:
                 error = exc
         if global_sum(self.accelerator, error is not None) > 0:
-            raise error or StorageError(f"output_dir={str(self.run_dir)!r} could not be claimed by rank 0")
+            raise error or StorageError([])  # rank 0 alone says why; the other ranks stop without a word
 
     def abandon(self) -> None:
         """After a failed setup: release the lock and remove only what this run created in output_dir."""
@@ -197,6 +199,17 @@ class FinetuneRecipe:
             f"resume: continuing from {self.resume_from} (step {self.start_step} of {self.total_steps}, "
             f"epoch {state['epoch']}, {state['micro_batches_done']} micro batches into it)"
         )
+
+    def _check_lora_rank(self) -> None:
+        """peft.r must not exceed the width the base's config.json declares (read before any weight loads)."""
+        from transformers import AutoConfig
+
+        from distributed_peft.config import check_lora_rank
+
+        model_config = AutoConfig.from_pretrained(self.base_path, trust_remote_code=self.cfg.model.trust_remote_code)
+        width = getattr(model_config, "hidden_size", None)
+        if isinstance(width, int):
+            check_lora_rank(self.cfg, width)
 
     def _apply_optimizer_settings(self) -> None:
         """Learning rate and weight decay from this run's config (a loaded checkpoint restores its own)."""

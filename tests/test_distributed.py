@@ -70,16 +70,19 @@ def single_process_reference(tmp_path_factory, bases) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "strategy,port,peft",
-    [("ddp", 29611, "qlora"), ("zero2", 29621, "qlora"), ("zero3", 29631, "qlora")],
+    "strategy,port,peft,micro,accumulation",
+    [("ddp", 29611, "qlora", 4, 2), ("zero2", 29621, "qlora", 4, 2), ("zero3", 29631, "qlora", 8, 1)],
 )
-def test_two_workers_match_one_process(strategy, port, peft, single_process_reference, tmp_path):
-    """QLoRA under ZeRO-3 runs on CPU: bitsandbytes' CPU 4-bit path shards once stored in the compute dtype."""
+def test_two_workers_match_one_process(strategy, port, peft, micro, accumulation, single_process_reference, tmp_path):
+    """QLoRA under ZeRO-3 runs on CPU: bitsandbytes' CPU 4-bit path shards once stored in the compute dtype.
+
+    DDP and ZeRO-2 also accumulate 2 micro batches of 4: each window's loss is normalised by the labelled tokens of
+    the window summed over both ranks, so 2 workers x 4 x 2 is the update of one process with 16 rows."""
     out = tmp_path / strategy
-    proc = launch(out, f"distributed={strategy}", "num_gpu_workers=2", f"peft={peft}", port=port)
-    assert proc.stdout.count("effective batch 16 = micro batch 8 x gradient accumulation 1 x world size 2") == 1, (
-        "rank 0 alone reports"
-    )
+    layout = [f"training.micro_batch_size={micro}", f"training.gradient_accumulation_steps={accumulation}"]
+    proc = launch(out, f"distributed={strategy}", "num_gpu_workers=2", f"peft={peft}", *layout, port=port)
+    effective = f"effective batch 16 = micro batch {micro} x gradient accumulation {accumulation} x world size 2"
+    assert proc.stdout.count(effective) == 1, "rank 0 alone reports"
     assert f"strategy {strategy}" in proc.stdout
     assert eval_loss(out) == pytest.approx(eval_loss(single_process_reference), rel=TOLERANCE)
 
@@ -96,6 +99,24 @@ def test_two_workers_match_one_process(strategy, port, peft, single_process_refe
         for r in rows
         if "train/loss" in r
     )
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_launch_stops_when_another_run_holds_the_directory(tmp_path):
+    """Rank 0 takes the lock for the whole launch; when it cannot, every rank stops, with one line between them."""
+    from distributed_peft.output_dirs import DirectoryLock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with DirectoryLock(out):
+        started = time.monotonic()
+        proc = launch(out, "distributed=ddp", "num_gpu_workers=2", port=29661, wait=False)
+        output = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and time.monotonic() - started < 120, output[-3000:]
+    refusals = [line for line in output.splitlines() if "is in use by another run" in line]
+    assert len(refusals) == 1 and f"(PID {os.getpid()} on" in refusals[0], output[-3000:]
+    assert "Traceback" not in output
+    assert not {"config.yaml", "checkpoints", "adapter", "metrics.jsonl"} & {p.name for p in out.iterdir()}
 
 
 @pytest.mark.slow

@@ -397,3 +397,25 @@ def test_multirun_jobs_get_their_own_directories(tmp_path, monkeypatch, bases):
     lrs = [json.loads((p / "dpeft_adapter.json").read_text())["config"]["training"]["lr"] for p in jobs]
     assert lrs == [0.001, 0.002, 0.001, 0.002]
     assert all((p.parent / OWNER_MARKER).is_file() for p in jobs)
+
+
+def test_a_lora_rank_wider_than_a_local_base_is_refused_before_its_weights_load(tmp_path, monkeypatch, bases):
+    """A base from a directory (not embedded): its width comes from its config.json, read before any weight."""
+    from distributed_peft import model
+
+    monkeypatch.setattr(model, "load_base_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    local = ["model=llama-3.2-1b", f"model.name_or_path={bases['tiny-llama']}", "peft.r=512"]
+    code, lines = run_entry(monkeypatch, "dpeft-train", quick(tmp_path, tmp_path / "run", *local))
+    assert code == USER_ERROR_EXIT_CODE and len(lines) == 1, lines
+    assert "peft.r=512 is invalid; it must be <= 128, the width (hidden size) of model llama-3.2-1b" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("prog,override", [("dpeft-reproduce", "task.lr=2"), ("dpeft-explore", "model.foo=2")])
+def test_a_key_under_a_group_the_command_left_empty_is_one_line(prog, override, monkeypatch):
+    code, lines = run_entry(monkeypatch, prog, [override])
+    group = override.split(".")[0]
+    assert code == USER_ERROR_EXIT_CODE and lines == [
+        f"{prog}: error: {override} sets a key of {group!r}, which {prog.split('-')[1]}.yaml leaves empty; "
+        f"allowed: choose it first ({group}=NAME) or drop the key"
+    ]
