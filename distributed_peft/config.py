@@ -419,9 +419,18 @@ def _validate_data(task: DictConfig, problems: list[str]) -> None:
     _check(problems, 0 < data.fraction <= 1, "task.data.fraction", data.fraction, "in (0, 1]")
     if data.max_examples is not None:
         _check(problems, data.max_examples > 0, "task.data.max_examples", data.max_examples, "> 0 or null")
-    fields = set(template_fields(task.prompt_template)) | set(template_fields(task.completion_template))
-    if task.prompt_template_no_input:
-        fields |= set(template_fields(task.prompt_template_no_input))
+    fields: set[str] = set()
+    for key in ("prompt_template", "completion_template", "prompt_template_no_input"):
+        template = task[key]
+        if template is None:
+            continue
+        try:
+            fields |= set(template_fields(template))
+        except ValueError as exc:  # an unbalanced brace: str.format could never fill it
+            problems.append(
+                f"task.{key}={template!r} is not a template ({exc}); allowed: text with {{field}} placeholders, "
+                "a literal brace doubled ({{ or }})"
+            )
     unmapped = sorted(fields - set(data.columns.keys()))
     if unmapped:
         problems.append(
@@ -630,7 +639,20 @@ def load_recorded_config(recorded: dict[str, Any] | DictConfig) -> DictConfig:
     """A config saved by an earlier run (config.yaml, dpeft_adapter.json), completed with today's schema defaults
     so that options added since then read as their defaults."""
     register_configs()
-    return OmegaConf.merge(OmegaConf.structured(Config), recorded)
+    if isinstance(recorded, DictConfig):  # config.yaml as OmegaConf.load read it: saved resolved, so text only
+        recorded = OmegaConf.to_container(recorded, resolve=False)
+    return OmegaConf.merge(OmegaConf.structured(Config), _literal(recorded))
+
+
+def _literal(value: Any) -> Any:
+    """A recorded (resolved) value read back as text: a `${` a user typed into a template stays literal."""
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)  # OmegaConf's escapes
+    if isinstance(value, dict):
+        return {key: _literal(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_literal(item) for item in value]
+    return value
 
 
 def lora_targets(cfg: DictConfig) -> list[str]:

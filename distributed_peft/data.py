@@ -31,6 +31,10 @@ def _load_library_dataset(task: DictConfig, wanted: dict[str, str]):
     import datasets
 
     args, kwargs = _load_dataset_args(task.data)
+    if resolve_data_source(task.data) == "hub":  # unreachable or not cached: one line now, not a minute of retries
+        from distributed_peft.hub import check_hub_dataset
+
+        check_hub_dataset(task.data.hub_id)
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # a failure is reported once, as one line below
     try:
         dataset = datasets.load_dataset(*args, **kwargs)

@@ -59,7 +59,7 @@ CASES = [
     ("token_budget_below_seq_len", "dpeft-train", ["training.tokens_per_batch=10"], "training.tokens_per_batch=10"),
     ("missing_resume_path", "dpeft-train", ["training.resume={tmp}/no-ckpt"], "does not exist; allowed: auto, false"),
     ("resume_from_non_checkpoint", "dpeft-train", ["training.resume={tmp}"], "is not a complete checkpoint: no"),
-    ("checkpoint_of_another_run", "dpeft-train", ["training.resume={tmp}/other"], "was made with other settings (task.name"),
+    ("checkpoint_of_another_run", "dpeft-train", ["training.resume={tmp}/other"], "other settings (task.name"),
     ("output_dir_under_a_file", "dpeft-train", ["output_dir={tmp}/a-file/run"], "is not writable"),
     ("missing_adapter_path", "dpeft-eval", ["adapter={tmp}/no-adapter"], "is not a distributed-peft adapter directory"),
     ("missing_generate_adapter", "dpeft-generate", ["adapters=[{tmp}/none]", "prompt=hi"], "is not a directory"),

@@ -69,6 +69,8 @@ def test_dpeft_eval_refuses_a_directory_that_is_not_an_adapter(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        f"dpeft-eval: error: adapter='{tmp_path}' is not a distributed-peft adapter directory; "
-        "it must hold adapter_model.safetensors and dpeft_adapter.json"
+        f"dpeft-eval: error: adapter='{tmp_path}' is not a distributed-peft adapter directory: "
+        "adapter_model.safetensors, adapter_config.json, dpeft_adapter.json missing; it must hold "
+        "adapter_model.safetensors, adapter_config.json, dpeft_adapter.json; copy the adapter directory again whole, "
+        "or retrain it"
     )
