@@ -510,6 +510,9 @@ class FinetuneRecipe:
 
     def cleanup(self) -> None:
         self.log.close()
+        # every rank leaves together: a rank that destroys the process group while another is still finishing its
+        # last collective aborts (gloo: "terminate called without an active exception")
+        self.accelerator.wait_for_everyone()
         if self.claim is not None:
             self.claim.unlock()
         self.accelerator.end_training()  # destroys the process group so the launcher exits cleanly
