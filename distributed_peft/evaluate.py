@@ -51,14 +51,26 @@ def evaluation_mode(model) -> Iterator[None]:
             module.training = training
 
 
-def evaluate_loss(model, loader, accelerator, stop=None) -> dict[str, float]:
+def progress(iterable, accelerator, desc: str | None, total: int | None = None):
+    """`iterable` with a progress bar on the main process when `desc` is given (rate and ETA), else as it is."""
+    if desc is None or not accelerator.is_main_process:
+        return iterable
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit="batch", mininterval=0.5 if sys.stderr.isatty() else 10.0)
+
+
+def evaluate_loss(model, loader, accelerator, stop=None, desc: str | None = None) -> dict[str, float]:
     """Token-weighted eval loss and next-token accuracy over completion tokens, exact across ranks.
 
     `stop()`, asked before each batch (the same answer on every rank), ends it early: the result says `stopped`.
+    With `desc`, the main process shows a progress bar.
     """
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     with evaluation_mode(model):
-        for batch in loader:
+        for batch in progress(loader, accelerator, desc):
             if stop is not None and stop():
                 return {"stopped": True}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -88,9 +100,11 @@ def evaluate_base_and_adapter(model, loader, accelerator, cfg: DictConfig, token
     when `evaluation.generate`, the task's metrics on greedy generations with a few side-by-side samples."""
     from distributed_peft.generation import prompt_ids
 
-    results: dict[str, Any] = {"adapter": evaluate_loss(model, loader, accelerator)}
+    shown = cfg.logging.progress_bar
+    adapter_loss = evaluate_loss(model, loader, accelerator, desc="eval loss, adapter" if shown else None)
+    results: dict[str, Any] = {"adapter": adapter_loss}
     with accelerator.unwrap_model(model).disable_adapter():
-        results["base"] = evaluate_loss(model, loader, accelerator)
+        results["base"] = evaluate_loss(model, loader, accelerator, desc="eval loss, base" if shown else None)
     if not cfg.evaluation.generate:
         return results
     adapter = evaluate_generations(model, tokenizer, examples, cfg, accelerator)

@@ -67,9 +67,12 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], cfg: DictCo
     synced = accelerator.distributed_type.name in ("DEEPSPEED", "FSDP") and accelerator.num_processes > 1
     batch_size, max_new_tokens = cfg.evaluation.generation_batch_size, cfg.evaluation.max_new_tokens
     indexed = list(enumerate(prompts))
+    from distributed_peft.evaluate import progress
+
+    desc = "generating" if cfg.logging.progress_bar else None
     with accelerator.split_between_processes(indexed, apply_padding=True) as shard:
         results = []
-        for start in range(0, len(shard), batch_size):
+        for start in progress(range(0, len(shard), batch_size), accelerator, desc):
             chunk = shard[start : start + batch_size]
             texts = generate_batch(network, tokenizer, [ids for _, ids in chunk], max_new_tokens, synced)
             results.extend(zip([i for i, _ in chunk], texts, strict=True))
