@@ -47,8 +47,10 @@ OUR_ENTRIES = {
     "multirun.yaml",
     "bench.json",
     "bench.md",
+    "bench_scaling.json",
+    "bench_scaling.md",
 }
-_LEGACY_SIGNS = {"config.yaml", "adapter", "checkpoints", "bench.json"}
+_LEGACY_SIGNS = {"config.yaml", "adapter", "checkpoints", "bench.json", "bench_scaling.json"}
 
 
 def foreign_entries(directory: Path) -> list[str]:

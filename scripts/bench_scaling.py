@@ -18,6 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from distributed_peft.errors import StorageError
+from distributed_peft.output_dirs import check_output_dir, claim_output_dir
+
 BIN = Path(sys.executable).parent
 
 
@@ -55,6 +58,10 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("runs/bench-scaling"))
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    try:  # checked before minutes of runs: only an absent, empty or earlier distributed-peft directory is written
+        check_output_dir(args.output, key="--output")
+    except StorageError as error:
+        sys.exit(f"bench_scaling: error: {error.problems[0]}")
 
     rates: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as scratch:
@@ -89,7 +96,7 @@ def main() -> None:
             f"| {workers} | {median:,.0f} ({min(samples):,.0f}-{max(samples):,.0f}) | {per_worker:,.0f} | "
             f"{per_worker / one:.2f} |"
         )
-    args.output.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(args.output, key="--output", command="bench_scaling.py")
     header = f"Scaling, {args.strategy}, tiny-llama QLoRA on sql, {args.steps} steps x {args.repeats} repeats"
     (args.output / "bench_scaling.json").write_text(json.dumps({"setup": header, "rows": rows}, indent=2))
     (args.output / "bench_scaling.md").write_text(f"# {header}\n\n" + "\n".join(table) + "\n")
