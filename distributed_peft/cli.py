@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distributed_peft.config import CONF_DIR, CONFIG_GROUPS, group_options, register_configs, validate
@@ -122,6 +122,9 @@ def hydra_app(
     def decorator(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         def run_checked(cfg: DictConfig) -> Any:
             from distributed_peft.termination import handle_sigterm
+            from distributed_peft.tracking import quiet_third_party_notices
+
+            quiet_third_party_notices(debug=bool(OmegaConf.select(cfg, "logging.debug", default=False)))
 
             try:
                 with handle_sigterm():  # SIGTERM in any phase: one line and exit 75 (see termination.py)

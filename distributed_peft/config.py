@@ -181,6 +181,7 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "distributed-peft"
     wandb_mode: str = "offline"  # online only when the user asks; a wandb failure never stops a run
+    debug: bool = False  # also show third-party notices (bitsandbytes, DeepSpeed, FutureWarnings); or DPEFT_DEBUG=1
 
 
 @dataclass

@@ -210,6 +210,7 @@ def plan_launch(cfg: DictConfig, overrides: list[str], gpus: int) -> LaunchPlan:
     if gpus == 0:
         if deepspeed is None:
             env["ACCELERATE_USE_CPU"] = "true"
+        env.setdefault("DS_ACCELERATOR", "cpu")  # said, not guessed: DeepSpeed's "Setting accelerator to CPU" notice
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // layout.num_gpu_workers)))
     return LaunchPlan(layout, overrides, command, env, files)
 

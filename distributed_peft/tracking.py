@@ -74,6 +74,27 @@ class RunLog:
                 warnings.warn(f"tracker {tracker.name} did not close cleanly: {exc}", stacklevel=2)
 
 
+# Notices that say nothing about the run: bitsandbytes' optional `kernels` package, DeepSpeed's accelerator guess.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "DeepSpeed")
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def quiet_third_party_notices(debug: bool = False) -> None:
+    """A normal run prints our progress and results: third-party warnings and FutureWarnings are silenced where they
+    arise (their loggers filtered before the libraries import), unless `logging.debug=true` or DPEFT_DEBUG=1."""
+    if debug or os.environ.get("DPEFT_DEBUG") == "1":
+        return
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)  # the same object the library gets when it imports later
+        if not any(isinstance(f, _ErrorsOnly) for f in logger.filters):
+            logger.addFilter(_ErrorsOnly())
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def quiet_library_progress() -> None:
     """Only our progress bar is shown: datasets' and transformers' per-call bars are noise in a training log."""
     import datasets

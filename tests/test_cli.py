@@ -28,6 +28,10 @@ def test_console_script_trains_and_dpeft_eval_reproduces_it(tmp_path, bases):
     proc = run([str(BIN / "dpeft-train"), "task=sql", "model=tiny-bloom", "peft=qlora", *QUICK, f"output_dir={out}"])
     assert "effective batch 8 = micro batch 8 x gradient accumulation 1 x world size 1" in proc.stdout
     assert f"adapter: {out / 'adapter'}" in proc.stdout
+    noise = ("kernels-community", "Setting accelerator to CPU", "FutureWarning")
+    assert not [line for line in (proc.stdout + proc.stderr).splitlines() if any(n in line for n in noise)], (
+        "a normal run prints our progress and results, not third-party notices"
+    )
     trained = json.loads((out / "eval.json").read_text())
     (out / "eval.json").unlink()
     proc = run([str(BIN / "dpeft-eval"), f"output_dir={out}"])  # the run's adapter, reports into that run

@@ -419,3 +419,26 @@ def test_a_key_under_a_group_the_command_left_empty_is_one_line(prog, override, 
         f"{prog}: error: {override} sets a key of {group!r}, which {prog.split('-')[1]}.yaml leaves empty; "
         f"allowed: choose it first ({group}=NAME) or drop the key"
     ]
+
+
+def test_third_party_notices_are_silenced_unless_debug(monkeypatch, capsys):
+    import logging
+    import warnings
+
+    from distributed_peft import tracking
+
+    monkeypatch.delenv("DPEFT_DEBUG", raising=False)
+    for name in tracking.QUIET_LOGGERS:
+        monkeypatch.setattr(logging.getLogger(name), "filters", [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracking.quiet_third_party_notices(debug=True)
+        assert all(logging.getLogger(n).filter(logging.makeLogRecord({"levelno": 30})) for n in tracking.QUIET_LOGGERS)
+        warnings.warn("shown with logging.debug=true", FutureWarning, stacklevel=1)
+        tracking.quiet_third_party_notices(debug=False)
+        warnings.warn("silenced", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["shown with logging.debug=true"]
+    for name in tracking.QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        assert not logger.filter(logging.makeLogRecord({"levelno": logging.WARNING}))
+        assert logger.filter(logging.makeLogRecord({"levelno": logging.ERROR})), "errors still reach the user"
