@@ -43,9 +43,20 @@ def save_adapter(accelerator, model, tokenizer, directory: Path, metadata: dict[
                 staging, state_dict=state_dict, safe_serialization=True, is_main_process=True
             )
             tokenizer.save_pretrained(staging)
+            _portable_base_name(staging / ADAPTER_CONFIG, metadata["base"])
             (staging / ADAPTER_METADATA).write_text(redact(json.dumps(metadata, indent=2, default=str)))
     accelerator.wait_for_everyone()
     return directory
+
+
+def _portable_base_name(config_path: Path, base: dict[str, Any]) -> None:
+    """peft records the directory the base was loaded from (for an embedded base, a cache path on this machine):
+    record its Hub id, or the embedded base's name that `model=NAME` rebuilds, instead."""
+    config = json.loads(config_path.read_text())
+    name_or_path = base["name_or_path"]
+    local = Path(name_or_path).is_absolute() or Path(name_or_path).exists()
+    config["base_model_name_or_path"] = base["name"] if local else name_or_path
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _check_safetensors(path: Path, where: str) -> None:

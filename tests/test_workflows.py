@@ -97,6 +97,8 @@ def test_accumulation_longer_than_an_epoch_steps_the_partial_window(tmp_path, ba
     assert recipe_tokens == rows[1]["train/tokens"] and recipe_tokens > 11 * 3
     card = json.loads((out / "adapter" / "dpeft_adapter.json").read_text())["run"]
     assert card["optimizer_steps"] == 2 and card["planned_steps"] == 2
+    peft_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert peft_config["base_model_name_or_path"] == "tiny-llama", "the base's portable name, not a cache path"
 
 
 @pytest.mark.parametrize("packing", ["none", "padding_free"])
@@ -442,3 +444,10 @@ def test_third_party_notices_are_silenced_unless_debug(monkeypatch, capsys):
         logger = logging.getLogger(name)
         assert not logger.filter(logging.makeLogRecord({"levelno": logging.WARNING}))
         assert logger.filter(logging.makeLogRecord({"levelno": logging.ERROR})), "errors still reach the user"
+
+
+def test_shipped_adapters_name_their_base_portably():
+    from conftest import PROJECT_ROOT
+
+    for config in sorted((PROJECT_ROOT / "adapters_prebuilt").glob("*/adapter_config.json")):
+        assert json.loads(config.read_text())["base_model_name_or_path"] == "tiny-llama", config
