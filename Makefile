@@ -13,12 +13,14 @@ DEMO_DIR ?= runs/demo-detox
 
 .PHONY: install browser demo test lint format bench bench-scaling prebuilt reproduce clean
 
-$(STAMP): pyproject.toml
+# pyproject.toml declares ranges (users install into their own CUDA environments); constraints.txt is the exact
+# tested set, so a fresh machine and CI install what the suite was run with.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first, pinned: the CPU build on this machine's disk; a range would pull a multi-GB CUDA build
-	$(PY) -m pip install --quiet "torch==$$(sed -n 's/.*"torch==\([0-9.]*\)".*/\1/p' pyproject.toml)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# torch first, from the constraints: the CPU build on this machine's disk; a bare range would pull a CUDA build
+	$(PY) -m pip install --quiet -c constraints.txt torch
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

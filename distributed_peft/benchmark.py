@@ -27,7 +27,7 @@ from typing import Any
 
 from distributed_peft.atomic_files import atomic_write_text
 from distributed_peft.cli import report_user_error
-from distributed_peft.config import PROJECT_ROOT
+from distributed_peft.config import PROJECT_ROOT, missing_extra
 from distributed_peft.errors import USER_ERROR_EXIT_CODE, DpeftError
 from distributed_peft.output_dirs import ClaimedDir, claim_output_dir
 
@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> None:
         variant, task, examples, result = args.child
         child(variant, task, int(examples), Path(result))
         return
+    missing = missing_extra("trl", "bench", "dpeft-bench (TRL's SFTTrainer is its baseline)")
+    if missing:
+        report_user_error(DpeftError(missing), "dpeft-bench")
+        sys.exit(USER_ERROR_EXIT_CODE)
     claimed = claim_bench_output(args.output)
     try:
         report, markdown = run_benchmark(args)

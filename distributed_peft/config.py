@@ -384,6 +384,34 @@ def _unknown_key_line(node: DictConfig, key: str, prefix: str, known: list[str],
     return f"{where}; allowed: {', '.join(prefix + k for k in known)}"
 
 
+def missing_extra(module: str, extra: str, needed_by: str) -> str | None:
+    """One line naming the extra to install when `module` is not importable (found without importing it)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f"{needed_by} needs {module}, which is not installed; allowed: pip install 'distributed-peft[{extra}]'"
+
+
+def _check_extras(cfg: DictConfig, problems: list[str]) -> None:
+    """Optional features whose package (an extra of distributed-peft) is missing, before any model loads."""
+    needs = []
+    if cfg.peft.method == "qlora":
+        needs.append(("bitsandbytes", "qlora", "peft.method='qlora' (4-bit base)"))
+    if cfg.training.optimizer in ("paged_adamw_8bit", "adamw_8bit"):
+        needs.append(("bitsandbytes", "qlora", f"training.optimizer={cfg.training.optimizer!r}"))
+    if cfg.distributed.strategy.startswith("zero"):
+        needs.append(("deepspeed", "deepspeed", f"distributed.strategy={cfg.distributed.strategy!r}"))
+    if cfg.logging.wandb:
+        needs.append(("wandb", "wandb", "logging.wandb=true"))
+    if cfg.logging.tensorboard:
+        needs.append(("tensorboard", "tensorboard", "logging.tensorboard=true"))
+    for module, extra, needed_by in needs:
+        problem = missing_extra(module, extra, needed_by)
+        if problem and problem not in problems:
+            problems.append(problem)
+
+
 def template_fields(template: str) -> list[str]:
     """Names of the `{field}` placeholders of a prompt template."""
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
@@ -624,6 +652,7 @@ def validate(cfg: DictConfig) -> None:
             f"evaluation.show_examples <= {evaluation.max_generate_examples}, or a larger max_generate_examples"
         )
     _validate_data(task, problems)
+    _check_extras(cfg, problems)
     try:  # output_dir: absent, empty or ours, and writable, known before torch is imported
         from distributed_peft.atomic_files import check_writable
         from distributed_peft.output_dirs import check_output_dir

@@ -12,7 +12,6 @@ unavailable, with its reason, and the others keep working. The page and the API 
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +29,7 @@ from distributed_peft.adapters import (
     recorded_base,
 )
 from distributed_peft.cli import hydra_app
-from distributed_peft.config import template_fields, validate_explore
+from distributed_peft.config import missing_extra, template_fields, validate_explore
 from distributed_peft.errors import AdapterError, ConfigError, DataError, DpeftError
 from distributed_peft.generation import default_adapters, generate_batch
 from distributed_peft.prompts import EmptyPrompt, PromptTooLong, check_not_empty, generation_prompt_ids, task_record
@@ -285,8 +284,9 @@ def check_port_free(host: str, port: int) -> None:
 @hydra_app("dpeft-explore", config_name="explore", validator=validate_explore)
 def main(cfg: DictConfig) -> None:
     """Serve the page until interrupted."""
-    if importlib.util.find_spec("gradio") is None:
-        raise ConfigError("dpeft-explore needs gradio; allowed: pip install 'distributed-peft[explore]'")
+    problem = missing_extra("gradio", "explore", "dpeft-explore (its web page)")
+    if problem:
+        raise ConfigError(problem)
     check_port_free(cfg.host, cfg.port)
     explorer = load_explorer(cfg)
     from distributed_peft.explorer_app import serve

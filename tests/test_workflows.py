@@ -451,3 +451,23 @@ def test_shipped_adapters_name_their_base_portably():
 
     for config in sorted((PROJECT_ROOT / "adapters_prebuilt").glob("*/adapter_config.json")):
         assert json.loads(config.read_text())["base_model_name_or_path"] == "tiny-llama", config
+
+
+@pytest.mark.parametrize(
+    "option,module,extra",
+    [
+        ("peft=qlora", "bitsandbytes", "qlora"),
+        ("distributed=zero3", "deepspeed", "deepspeed"),
+        ("logging=wandb", "wandb", "wandb"),
+        ("logging=tensorboard", "tensorboard", "tensorboard"),
+    ],
+)
+def test_a_feature_whose_extra_is_missing_is_one_line_naming_the_extra(option, module, extra, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    lora = [] if option.startswith("peft") else ["peft=lora"]  # only the option under test needs the extra
+    code, lines = run_entry(monkeypatch, "dpeft-train", [option, *lora, f"output_dir={tmp_path / 'run'}"])
+    assert code == USER_ERROR_EXIT_CODE and len(lines) == 1, lines
+    assert f"needs {module}, which is not installed; allowed: pip install 'distributed-peft[{extra}]'" in lines[0]
