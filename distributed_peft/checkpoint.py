@@ -134,6 +134,7 @@ FREE_KEYS = (
     "training.keep_checkpoints",
     "training.resume",
     "training.max_nonfinite_steps",
+    "task.data.path",  # as typed (relative to where the command ran): data.file, its size and sha256 are compared
 )
 MAX_LISTED_CHANGES = 6
 
