@@ -134,7 +134,8 @@ class TaskData:
     stats: DataStats
 
 
-def _tokenize_split(records, task, tokenizer, training, stats: DataStats, keep_text: bool) -> list[dict[str, Any]]:
+def tokenize_records(records, task, tokenizer, training, stats: DataStats, keep_text: bool) -> list[dict[str, Any]]:
+    """Tokenized examples of records (prompt masked), counting truncated and too-long ones in `stats`."""
     examples = []
     for record in records:
         prompt, completion = format_example(record, task)
@@ -186,8 +187,8 @@ def prepare_task_data(cfg: DictConfig, tokenizer, keep_train_text: bool = False)
     """
     task, training = cfg.task, cfg.training
     eval_records, train_records, stats = split_records(task, training)
-    train = _tokenize_split(train_records, task, tokenizer, training, stats, keep_text=keep_train_text)
-    evaluation = _tokenize_split(eval_records, task, tokenizer, training, stats, keep_text=True)
+    train = tokenize_records(train_records, task, tokenizer, training, stats, keep_text=keep_train_text)
+    evaluation = tokenize_records(eval_records, task, tokenizer, training, stats, keep_text=True)
     if not train or not evaluation:
         raise DataError(
             f"training.max_seq_len={training.max_seq_len}: no {'train' if not train else 'eval'} example left "

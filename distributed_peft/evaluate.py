@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distributed_peft.cli import hydra_app
 from distributed_peft.config import resolve_data_source
-from distributed_peft.errors import AdapterError, ConfigError, DataError, DpeftError, StorageError
+from distributed_peft.errors import AdapterError, ConfigError, DataError
 from distributed_peft.objective import completion_token_stats
 
 
@@ -55,8 +55,6 @@ def progress(iterable, accelerator, desc: str | None, total: int | None = None):
     """`iterable` with a progress bar on the main process when `desc` is given (rate and ETA), else as it is."""
     if desc is None or not accelerator.is_main_process:
         return iterable
-    import sys
-
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, unit="batch", mininterval=0.5 if sys.stderr.isatty() else 10.0)
@@ -248,14 +246,14 @@ def new_report_dir(task_name: str, root: Path = RUNS_DIR) -> Path:
 
 def _whole_file_examples(run_cfg: DictConfig, tokenizer) -> tuple[list[dict[str, Any]], Any]:
     """Every row of task.data in file order (the first task.data.max_examples or fraction of them when set)."""
-    from distributed_peft.data import DataStats, _tokenize_split, load_records
+    from distributed_peft.data import DataStats, load_records, tokenize_records
 
     task, training = run_cfg.task, run_cfg.training
     records = load_records(task)
     stats = DataStats(source=str(task.data.path or task.data.sample_file or task.data.hub_id), loaded=len(records))
     keep = int(len(records) * task.data.fraction)
     records = records.select(range(min(keep, task.data.max_examples or keep)))
-    examples = _tokenize_split(records, task, tokenizer, training, stats, keep_text=True)
+    examples = tokenize_records(records, task, tokenizer, training, stats, keep_text=True)
     if not examples:
         raise DataError(
             f"task.data: no row of {stats.source} left to evaluate ({stats.loaded} loaded, {stats.dropped_too_long} "
@@ -303,9 +301,9 @@ def run_evaluation(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, 
     """
     from distributed_peft.adapters import check_base_matches, load_adapter
     from distributed_peft.data import collate_padded, prepare_task_data
-    from distributed_peft.distributed import build_accelerator, global_sum
+    from distributed_peft.distributed import build_accelerator
     from distributed_peft.model import load_base_model, load_tokenizer, resolve_base
-    from distributed_peft.output_dirs import DirectoryLock, claim_output_dir
+    from distributed_peft.output_dirs import claim_on_main_process
     from distributed_peft.reports import write_eval_reports
     from distributed_peft.tracking import quiet_library_progress
 
@@ -313,16 +311,10 @@ def run_evaluation(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, 
     plan = plan_evaluation(cfg, overrides)
     run_cfg, adapter_dir = plan.run_cfg, plan.adapter_dir
     accelerator = build_accelerator(run_cfg)
-    claim = lock = error = None
-    if accelerator.is_main_process:  # rank 0 alone writes: it claims the directory before anything loads
-        try:
-            claim = claim_output_dir(plan.output_dir or new_report_dir(run_cfg.task.name), command="dpeft-eval")
-            lock = DirectoryLock(claim.path).acquire()
-        except DpeftError as exc:
-            error = exc
+    # rank 0 alone writes: it claims and locks the directory before anything loads
+    report_dir = plan.output_dir or new_report_dir(run_cfg.task.name)
+    claim = claim_on_main_process(accelerator, report_dir, command="dpeft-eval")
     try:
-        if global_sum(accelerator, error is not None) > 0:
-            raise error or StorageError("output_dir could not be claimed by rank 0")
         path, identity = resolve_base(run_cfg.model)
         check_base_matches(plan.metadata, identity, allow_mismatch=bool(cfg.get("allow_base_mismatch", False)))
         tokenizer = load_tokenizer(path)
@@ -353,8 +345,8 @@ def run_evaluation(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, 
             claim.release()  # a failed evaluation removes only what it created
         raise
     finally:
-        if lock is not None:
-            lock.release()
+        if claim is not None:
+            claim.unlock()
     accelerator.end_training()
     return results
 

@@ -134,6 +134,24 @@ def claim_output_dir(
     return ClaimedDir(path, created, existed_before, held)
 
 
+def claim_on_main_process(accelerator, path: str | Path, command: str | None = None) -> ClaimedDir | None:
+    """Rank 0 checks, creates, locks and marks `path` (see claim_output_dir); every rank learns the outcome and, on a
+    refusal, raises: rank 0 with the reason, the others silently. Returns rank 0's claim, None elsewhere."""
+    from distributed_peft.atomic_files import check_writable
+    from distributed_peft.distributed import global_sum
+
+    claim = error = None
+    if accelerator.is_main_process:
+        try:
+            check_writable(path)
+            claim = claim_output_dir(path, command=command, lock=True)  # another run's lock: nothing touched
+        except StorageError as exc:
+            error = exc
+    if global_sum(accelerator, error is not None) > 0:
+        raise error or StorageError([])  # rank 0 alone says why; the other ranks stop without a word
+    return claim
+
+
 class DirectoryLock:
     """An exclusive, non-blocking `flock` on <directory>/.dpeft.lock, held until release() or process death."""
 

@@ -255,22 +255,23 @@ def reproduce_all(directories: list[Path], output_root: Path) -> bool:
 def main(cfg: DictConfig) -> None:
     """Retrain, compare, report; exit 1 when a metric is out of tolerance."""
     from distributed_peft import termination
-    from distributed_peft.output_dirs import OWNER_MARKER, DirectoryLock, claim_output_dir
+    from distributed_peft.output_dirs import OWNER_MARKER, claim_output_dir
 
     output_root = Path(cfg.output_dir)
     if output_root.is_dir() and not (output_root / OWNER_MARKER).exists() and legacy_root(output_root):
         (output_root / OWNER_MARKER).write_text(json.dumps({"created_by": "distributed-peft"}) + "\n")
     # SIGTERM in any phase (building the base, loading, training, comparing) is Preempted: one line, exit 75
     with termination.handle_sigterm():
-        claim = claim_output_dir(output_root, command="dpeft-reproduce")
+        claim = claim_output_dir(output_root, command="dpeft-reproduce", lock=True)  # held: nothing touched
         try:
-            with DirectoryLock(output_root):
-                passed = reproduce_all(sources(cfg), output_root)
+            passed = reproduce_all(sources(cfg), output_root)
         except Preempted:
             raise  # keep the checkpoints: the same command resumes
         except Exception:
             claim.release()  # only what this command created
             raise
+        finally:
+            claim.unlock()
     if not passed:
         raise SystemExit(1)
 

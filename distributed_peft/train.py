@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distributed_peft import termination
-from distributed_peft.atomic_files import atomic_write_text, check_writable, remove_leftovers
+from distributed_peft.atomic_files import atomic_write_text, remove_leftovers
 from distributed_peft.cli import hydra_app
 from distributed_peft.config import lora_targets, to_yaml
 from distributed_peft.errors import ConfigError, DataError, Preempted, TrainingDiverged
@@ -62,6 +62,7 @@ class FinetuneRecipe:
             load_tokenizer,
             resolve_base,
         )
+        from distributed_peft.output_dirs import claim_on_main_process
         from distributed_peft.tracking import RunLog, quiet_library_progress
 
         quiet_library_progress()
@@ -70,7 +71,7 @@ class FinetuneRecipe:
             raise ConfigError(f"training.optimizer={training.optimizer!r} needs CUDA; allowed here: adamw_torch")
         self.accelerator = accelerator = build_accelerator(cfg)
         self.strategy = check_launch_matches(cfg, accelerator)
-        self._claim_run_dir()  # before anything is read from or written to output_dir
+        self.claim = claim_on_main_process(accelerator, self.run_dir)  # before output_dir is read or written
         self.resume_from = resolve_resume(cfg, say=self.print)  # a bad resume path fails before any model loads
         self.fingerprint = run_fingerprint(cfg, accelerator.num_processes, self.strategy)
         force = str(training.resume) == "force"
@@ -143,22 +144,6 @@ class FinetuneRecipe:
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
             atomic_write_text(self.run_dir / "split.json", self.data.stats.to_json())
         self.log = RunLog(cfg, self.run_dir, accelerator.is_main_process, resume_step=self.start_step or None)
-
-    def _claim_run_dir(self) -> None:
-        """Rank 0 checks output_dir is absent, empty or ours, marks it and locks it; every rank learns the outcome."""
-        from distributed_peft.distributed import global_sum
-        from distributed_peft.errors import StorageError
-        from distributed_peft.output_dirs import claim_output_dir
-
-        error = None
-        if self.accelerator.is_main_process:
-            try:
-                check_writable(self.run_dir)
-                self.claim = claim_output_dir(self.run_dir, lock=True)  # another run's lock: nothing touched
-            except StorageError as exc:
-                error = exc
-        if global_sum(self.accelerator, error is not None) > 0:
-            raise error or StorageError([])  # rank 0 alone says why; the other ranks stop without a word
 
     def abandon(self) -> None:
         """After a failed setup: release the lock and remove only what this run created in output_dir."""
