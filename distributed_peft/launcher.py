@@ -15,7 +15,6 @@ run writes nothing.
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 import os
 import re
@@ -35,8 +34,8 @@ from omegaconf import DictConfig
 
 from distributed_peft.cli import check_overrides, report_user_error
 from distributed_peft.config import HOST_PATTERN, PROJECT_ROOT
-from distributed_peft.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError, DpeftError, StorageError
-from distributed_peft.output_dirs import ClaimedDir, check_output_dir
+from distributed_peft.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError, DpeftError
+from distributed_peft.output_dirs import ClaimedDir, check_not_locked, check_output_dir
 
 LAUNCH_TEMPLATES = PROJECT_ROOT / "launch"
 # config key -> (the environment variable read when the key is null, the default when neither is set, what is allowed,
@@ -215,26 +214,6 @@ def plan_launch(cfg: DictConfig, overrides: list[str], gpus: int) -> LaunchPlan:
     return LaunchPlan(layout, overrides, command, env, files)
 
 
-def check_not_in_use(output_dir: str | Path) -> None:
-    """Refuse a directory whose lock another run holds (its launch files are in use), naming the holder; reads only."""
-    from distributed_peft.output_dirs import LOCK_FILE
-
-    try:
-        fd = os.open(Path(output_dir) / LOCK_FILE, os.O_RDONLY)
-    except OSError:  # no lock file: no run has held it
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts only with a holder's exclusive lock
-    except OSError as exc:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "PID unknown"
-        raise StorageError(
-            f"output_dir={str(output_dir)!r} is in use by another run ({holder}); wait for it to finish, stop it, "
-            "or choose another output_dir"
-        ) from exc
-    finally:
-        os.close(fd)  # releases the probe's shared lock
-
-
 def write_launch_files(plan: LaunchPlan, output_dir: str | Path) -> ClaimedDir:
     """Claim output_dir (absent, empty or ours; another node's claim counts as ours) and write the launch files."""
     from distributed_peft.atomic_files import atomic_write_text, storage_error
@@ -272,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         gpus = cuda_device_count()
         plan = plan_launch(cfg, overrides, gpus)
         if plan.layout.machine_rank == 0:  # other nodes join the run node 0 started, which holds the lock
-            check_not_in_use(cfg.output_dir)
+            check_not_locked(cfg.output_dir)
         if dry_run:  # refused where the launch would be, without writing anything
             check_output_dir(cfg.output_dir)
         else:

@@ -134,6 +134,27 @@ def claim_output_dir(
     return ClaimedDir(path, created, existed_before, held)
 
 
+def _in_use(directory: Path, key: str, holder: str) -> StorageError:
+    return StorageError(
+        f"{key}={str(directory)!r} is in use by another run ({holder or 'PID unknown'}); "
+        "wait for it to finish, stop it, or choose another output_dir"
+    )
+
+
+def check_not_locked(directory: str | Path, key: str = "output_dir") -> None:
+    """Refuse a directory whose lock another run holds, naming the holder; takes no lock that outlives the check."""
+    try:
+        fd = os.open(Path(directory) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: no run has held it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts only with a holder's exclusive lock
+    except OSError as exc:
+        raise _in_use(Path(directory), key, os.pread(fd, 4096, 0).decode(errors="replace").strip()) from exc
+    finally:
+        os.close(fd)  # releases the probe's shared lock
+
+
 def claim_on_main_process(accelerator, path: str | Path, command: str | None = None) -> ClaimedDir | None:
     """Rank 0 checks, creates, locks and marks `path` (see claim_output_dir); every rank learns the outcome and, on a
     refusal, raises: rank 0 with the reason, the others silently. Returns rank 0's claim, None elsewhere."""
@@ -172,10 +193,7 @@ class DirectoryLock:
                 os.close(fd)
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise StorageError(f"{self.key}={str(self.directory)!r} cannot be locked: {exc.strerror}") from exc
-            raise StorageError(
-                f"{self.key}={str(self.directory)!r} is in use by another run ({holder or 'PID unknown'}); "
-                "wait for it to finish, stop it, or choose another output_dir"
-            ) from exc
+            raise _in_use(self.directory, self.key, holder) from exc
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
