@@ -1,4 +1,4 @@
-"""The shared shell of every `dpeft-*` entry point: a Hydra app over `conf/` that checks the config first.
+"""The shared shell of every `dpeft-*` entry point: a Hydra app over the packaged config tree that checks it first.
 
 A user's mistake (unknown option, bad value, missing file) is printed as one line per problem and exits
 with code 2 before any model is loaded; bugs keep their tracebacks.
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -22,7 +22,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distributed_peft.config import CONF_DIR, CONFIG_GROUPS, group_options, register_configs, validate
+from distributed_peft.config import (
+    CONF_MODULE,
+    CONF_SEARCH_PATH,
+    CONFIG_GROUPS,
+    group_options,
+    register_configs,
+    validate,
+)
 from distributed_peft.errors import USER_ERROR_EXIT_CODE, ConfigError, DpeftError
 from distributed_peft.prompts import literal_overrides
 
@@ -42,6 +49,60 @@ def _one_line(exc: Exception) -> str:
     return re.sub(r"\s+", " ", message)
 
 
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+CONFIG_NAME_FLAGS = ("--config-name", "-cn")
+
+
+def split_config_flags(argv: list[str]) -> tuple[list[str], list[str], str | None]:
+    """Hydra's --config-dir/-cd and --config-name/-cn taken out of a command line: (the rest, dirs, name)."""
+    rest: list[str] = []
+    config_dirs: list[str] = []
+    config_name = None
+    args = iter(argv)
+    for arg in args:
+        flag, equals, value = arg.partition("=")
+        if flag not in CONFIG_DIR_FLAGS + CONFIG_NAME_FLAGS:
+            rest.append(arg)
+            continue
+        if not equals:
+            value = next(args, "")
+        if not value:
+            raise ConfigError(f"{flag} needs a value; allowed: {flag} {'DIR' if flag in CONFIG_DIR_FLAGS else 'NAME'}")
+        if flag in CONFIG_DIR_FLAGS:
+            config_dirs.append(value)
+        else:
+            config_name = value
+    return rest, config_dirs, config_name
+
+
+def user_config_dirs(config_dirs: list[str], plain: list) -> list[Path]:
+    """A user's config directories, from --config-dir and `hydra.searchpath=[file://...]`, each checked to exist."""
+    searchpath = [o for o in plain if o.key_or_group == "hydra.searchpath"]
+    entries = [str(e) for e in (searchpath[-1].value() if searchpath else [])]
+    directories, problems = [], []
+    for entry in [*config_dirs, *entries]:
+        if entry.startswith("pkg://"):
+            continue  # a Python package's configs: Hydra resolves it; its options are not listed here
+        path = Path(entry.removeprefix("file://")).expanduser().resolve()
+        if path.is_dir():
+            directories.append(path)
+        else:
+            problems.append(f"config directory {entry!r} does not exist; allowed: an existing directory")
+    if problems:
+        raise ConfigError(problems)
+    return directories
+
+
+def _searchpath_override(directories: list[Path], plain: list) -> list[str]:
+    """`hydra.searchpath=[...]` for compose(): the user's directories after ours, as `hydra.main` orders them."""
+    entries = [f"file://{d}" for d in directories]
+    entries += [
+        str(e) for o in plain if o.key_or_group == "hydra.searchpath" for e in o.value() if e.startswith("pkg://")
+    ]
+    quoted = ",".join("'" + e.replace("\\", "\\\\").replace("'", "\\'") + "'" for e in entries)
+    return [f"hydra.searchpath=[{quoted}]"] if entries else []
+
+
 def check_overrides(
     overrides: list[str], config_name: str = "config", validator: Callable[[DictConfig], None] = validate
 ) -> DictConfig | None:
@@ -50,30 +111,33 @@ def check_overrides(
     Returns None when the command line holds sweeps or Hydra flags, which Hydra itself must expand.
     """
     overrides = literal_overrides(overrides, config_name)  # prompts, inputs and templates are text, not syntax
+    overrides, config_dirs, user_config_name = split_config_flags(overrides)
     if any(arg.startswith("-") for arg in overrides):
         return None
-    plain = [o for o in overrides if not re.match(r"^[+~]*hydra[./=]", o)]
+    config_name = user_config_name or config_name
     try:
-        parsed = OverridesParser.create().parse_overrides(plain)
+        parsed_all = OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
         raise ConfigError(_one_line(exc)) from exc
-    if any(o.is_sweep_override() for o in parsed):
+    directories = user_config_dirs(config_dirs, parsed_all)
+    if any(o.is_sweep_override() for o in parsed_all):
         return None
+    plain = [o for o in overrides if not re.match(r"^[+~]*hydra[./=]", o)]
+    parsed = [o for o in parsed_all if not re.match(r"^hydra[./]|^hydra$", o.key_or_group)]
     problems = []
     for override in parsed:
         group = override.key_or_group
         if group in CONFIG_GROUPS and override.value_type is not None and "." not in group:
             choice = override.value()
-            if isinstance(choice, str) and choice not in group_options(group):
-                problems.append(
-                    f"{group}={choice!r} is not a known {group}; allowed: {', '.join(group_options(group))}"
-                )
+            options = group_options(group, directories)
+            if isinstance(choice, str) and choice not in options:
+                problems.append(f"{group}={choice!r} is not a known {group}; allowed: {', '.join(options)}")
     if problems:
         raise ConfigError(problems)
     register_configs()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=plain)
+        with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=plain + _searchpath_override(directories, parsed_all))
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_one_line(exc)) from exc
     except AssertionError as exc:  # OmegaConf's update of a key under a group this command left empty (null)
@@ -117,7 +181,7 @@ def per_job_output_dir(argv: list[str]) -> list[str]:
 def hydra_app(
     prog: str, config_name: str = "config", validator: Callable[[DictConfig], None] = validate
 ) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
-    """Turn `fn(cfg)` into a console-script entry point: preflight check, then `@hydra.main` over `conf/`."""
+    """Turn `fn(cfg)` into a console-script entry point: preflight check, then `@hydra.main` over the shipped conf."""
 
     def decorator(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         def run_checked(cfg: DictConfig) -> Any:
@@ -146,7 +210,7 @@ def hydra_app(
                 report_user_error(error, prog)
                 sys.exit(USER_ERROR_EXIT_CODE)
             sys.argv[1:] = per_job_output_dir(sys.argv[1:])
-            return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(run_checked)()
+            return hydra.main(config_path=CONF_SEARCH_PATH, config_name=config_name, version_base="1.3")(run_checked)()
 
         return entry
 

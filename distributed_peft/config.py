@@ -6,9 +6,9 @@ Nothing here imports torch: a bad value is reported in a fraction of a second, b
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -18,9 +18,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from distributed_peft.errors import ConfigError, DpeftError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = Path(os.environ.get("DPEFT_CONF_DIR", PROJECT_ROOT / "conf"))
-SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_corpora" / "data"
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_DIR.parent  # a checkout's root (site-packages in an installed wheel): only dev tools use it
+# The config tree ships inside the package: Hydra reads it as pkg://distributed_peft.conf from any directory, and a
+# user's own config directory (--config-dir, hydra.searchpath) adds groups and options beside ours.
+CONF_MODULE = "distributed_peft.conf"
+CONF_SEARCH_PATH = f"pkg://{CONF_MODULE}"
+CONF_DIR = PACKAGE_DIR / "conf"
+SAMPLE_DATA_DIR = PACKAGE_DIR / "sample_corpora" / "data"
 
 CONFIG_GROUPS = ("task", "model", "peft", "distributed", "training", "logging", "experiment")
 MODEL_FAMILIES = ("llama", "bloom", "mistral")
@@ -303,9 +308,9 @@ def default_output_dir(name: str) -> str:
     return f"runs/{name}"
 
 
-def group_options(group: str) -> list[str]:
-    """Option names of a config group, as found in `conf/<group>/*.yaml`."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def group_options(group: str, config_dirs: Sequence[str | Path] = ()) -> list[str]:
+    """Option names of a config group: `conf/<group>/*.yaml` in the package and in a user's config directories."""
+    return sorted({p.stem for root in (CONF_DIR, *map(Path, config_dirs)) for p in (root / group).glob("*.yaml")})
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from distributed_peft.cli import hydra_app
-from distributed_peft.config import PROJECT_ROOT, load_recorded_config, validate_generate
+from distributed_peft.config import PACKAGE_DIR, load_recorded_config, validate_generate
 from distributed_peft.prompts import check_not_empty, generation_prompt_ids, task_record
 from distributed_peft.prompts import prompt_ids as task_prompt_ids
 
@@ -115,7 +115,7 @@ def generate_with_adapters(cfg: DictConfig) -> dict[str, dict[str, str]]:
 
 def default_adapters() -> list[str]:
     """Every adapter shipped in adapters_prebuilt/."""
-    return sorted(str(p.parent) for p in (PROJECT_ROOT / "adapters_prebuilt").glob("*/adapter_model.safetensors"))
+    return sorted(str(p.parent) for p in (PACKAGE_DIR / "adapters_prebuilt").glob("*/adapter_model.safetensors"))
 
 
 @hydra_app("dpeft-generate", config_name="generate", validator=validate_generate)

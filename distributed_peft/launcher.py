@@ -3,6 +3,7 @@
     dpeft-launch task=sql distributed=zero3 num_gpu_workers=4                 # 1 node x 4 GPUs
     NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 dpeft-launch task=sql distributed=zero3 num_gpu_workers=8
     dpeft-launch --dry-run task=sql distributed=ddp num_gpu_workers=4        # print the command and configs only
+    dpeft-launch --print-config zero3 > zero3.yaml                            # a shipped template, to edit
 
 `num_gpu_workers` is the number of workers per node; the job has num_gpu_workers x num_machines processes. On a
 machine without GPUs the same launch runs on CPU processes with gloo, so every mode but FSDP can be tried there.
@@ -33,11 +34,12 @@ import yaml
 from omegaconf import DictConfig
 
 from distributed_peft.cli import check_overrides, report_user_error
-from distributed_peft.config import HOST_PATTERN, PROJECT_ROOT
+from distributed_peft.config import HOST_PATTERN, PACKAGE_DIR
 from distributed_peft.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError, DpeftError
 from distributed_peft.output_dirs import ClaimedDir, check_not_locked, check_output_dir
 
-LAUNCH_TEMPLATES = PROJECT_ROOT / "launch"
+PROG = "dpeft-launch"
+LAUNCH_TEMPLATES = PACKAGE_DIR / "launch"  # shipped in the package: accelerate/, deepspeed/, slurm/
 # config key -> (the environment variable read when the key is null, the default when neither is set, what is allowed,
 # an example value)
 LAUNCH_KEYS = {
@@ -170,7 +172,7 @@ def launch_configs(
     accelerate["mixed_precision"] = mixed_precision
     deepspeed = None
     if accelerate["distributed_type"] == "DEEPSPEED":
-        template_path = PROJECT_ROOT / accelerate["deepspeed_config"]["deepspeed_config_file"]
+        template_path = PACKAGE_DIR / accelerate["deepspeed_config"]["deepspeed_config_file"]
         deepspeed = _fill_deepspeed_config(json.loads(template_path.read_text()), cfg, mixed_precision, total)
         del accelerate["mixed_precision"]  # DeepSpeed takes it from its json; accelerate refuses both
         if use_cpu:
@@ -240,8 +242,32 @@ def launch_command(cfg: DictConfig, overrides: list[str], gpus: int) -> tuple[li
     return plan.command, plan.env, list(plan.files)
 
 
+def launch_templates() -> dict[str, Path]:
+    """The shipped templates by name: `accelerate/zero3` (also just `zero3`), `deepspeed/zero3`, `slurm/multinode`."""
+    files = sorted(p for p in LAUNCH_TEMPLATES.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".sbatch"))
+    named = {str(p.relative_to(LAUNCH_TEMPLATES).with_suffix("")): p for p in files}
+    return {**named, **{name.split("/")[-1]: p for name, p in named.items() if name.startswith("accelerate/")}}
+
+
+def print_template(name: str | None) -> int:
+    """`--print-config NAME`: one shipped template on stdout; without a name, the list of them."""
+    templates = launch_templates()
+    if not name:
+        print("\n".join(n for n in templates if "/" in n))
+        return 0
+    if name not in templates:
+        allowed = ", ".join(n for n in templates if "/" in n)
+        report_user_error(ConfigError(f"--print-config {name!r} is not a launch template; allowed: {allowed}"), PROG)
+        return USER_ERROR_EXIT_CODE
+    print(templates[name].read_text(), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].split("=")[0] == "--print-config":
+        _, equals, name = argv[0].partition("=")
+        return print_template(name if equals else (argv[1] if len(argv) > 1 else None))
     dry_run = "--dry-run" in argv
     overrides = [a for a in argv if a != "--dry-run"]
     try:
@@ -257,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             claimed = write_launch_files(plan, cfg.output_dir)
     except DpeftError as error:
-        report_user_error(error, "dpeft-launch")
+        report_user_error(error, PROG)
         return USER_ERROR_EXIT_CODE
     layout = plan.layout
     where = f"{gpus} GPU(s)" if gpus else "no GPU: CPU processes with gloo"

@@ -23,10 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distributed_peft.cli import hydra_app
-from distributed_peft.config import CONF_DIR, PROJECT_ROOT, TaskConfig, load_recorded_config, unknown_keys
+from distributed_peft.config import CONF_DIR, PACKAGE_DIR, TaskConfig, load_recorded_config, unknown_keys
 from distributed_peft.errors import ConfigError, DpeftError, Preempted
 
-PREBUILT_DIR = PROJECT_ROOT / "adapters_prebuilt"
+PREBUILT_DIR = PACKAGE_DIR / "adapters_prebuilt"  # shipped in the package (adapters_prebuilt/ in a checkout)
 # Absolute tolerance per metric: retraining on another CPU reorders float sums, so the base and the adapter differ
 # in the last bits and greedy decoding can flip a few tokens; the loss moves little, generation metrics more.
 TOLERANCES = {
