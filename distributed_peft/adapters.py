@@ -33,6 +33,7 @@ REPAIR = "copy the adapter directory again whole, or retrain it"
 
 def save_adapter(accelerator, model, tokenizer, directory: Path, metadata: dict[str, Any]) -> Path:
     """Save the LoRA weights, gathered from every rank first (ZeRO-3 shards would otherwise save empty)."""
+    from distributed_peft.model_cards import CARD, write_model_card
     from distributed_peft.redaction import redact
 
     state_dict = accelerator.get_state_dict(model)  # collective: every rank must call it
@@ -44,18 +45,25 @@ def save_adapter(accelerator, model, tokenizer, directory: Path, metadata: dict[
             )
             tokenizer.save_pretrained(staging)
             _portable_base_name(staging / ADAPTER_CONFIG, metadata["base"])
+            write_model_card(staging / CARD, metadata, None)  # over peft's card (its base a local path), not yet rated
             (staging / ADAPTER_METADATA).write_text(redact(json.dumps(metadata, indent=2, default=str)))
     accelerator.wait_for_everyone()
     return directory
 
 
-def _portable_base_name(config_path: Path, base: dict[str, Any]) -> None:
-    """peft records the directory the base was loaded from (for an embedded base, a cache path on this machine):
-    record its Hub id, or the embedded base's name that `model=NAME` rebuilds, instead."""
-    config = json.loads(config_path.read_text())
+def portable_base_name(base: dict[str, Any]) -> str:
+    """The base as another machine names it: its Hub id, or for a local or embedded base the name that `model=NAME`
+    loads or rebuilds, never a path of this machine."""
     name_or_path = base["name_or_path"]
     local = Path(name_or_path).is_absolute() or Path(name_or_path).exists()
-    config["base_model_name_or_path"] = base["name"] if local else name_or_path
+    return base["name"] if local else name_or_path
+
+
+def _portable_base_name(config_path: Path, base: dict[str, Any]) -> None:
+    """peft records the directory the base was loaded from (for an embedded base, a cache path on this machine):
+    record its portable name instead."""
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = portable_base_name(base)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -260,27 +268,37 @@ def check_merge_output(output: str | Path) -> None:
 
 
 def merge_adapter(adapter_dir: str | Path, output: str | Path, allow_mismatch: bool = False) -> Path:
-    """Merge an adapter into a full-precision copy of its base and save a standard transformers model.
+    """Merge an adapter into a copy of its base and save a standard transformers model, with its tokenizer and card.
 
     A QLoRA adapter learned against the 4-bit weights, so its base is dequantized (not reloaded from the original
     weights): the merged model then computes what base + adapter computed. `output` must be absent, empty or an
     earlier merged model (checked before anything loads); the model appears there whole or not at all, marked as
     ours, and a failed merge removes only what it created.
     """
+    from distributed_peft.model_cards import CARD, merged_card
+
     output = Path(output)
     check_adapter_dir(adapter_dir)
     check_merge_output(output)
     claim = claim_output_dir(output, key="output", command="dpeft-merge")
     try:
         base, tokenizer, metadatas = load_matching_base([adapter_dir], allow_mismatch)
-        if metadatas[0]["peft"]["method"] == "qlora":
-            base = base.dequantize()
-        merged = load_adapter(base, adapter_dir).merge_and_unload()
-        record = json.dumps({"adapter": str(adapter_dir), **metadatas[0]}, indent=2)
+        metadata = metadatas[0]
+        quantized = metadata["peft"]["method"] == "qlora"
+        if quantized:
+            base = base.dequantize()  # in the dtype it computed in (model.config.dtype)
+        peft_model = load_adapter(base, adapter_dir)
+        delta_dtype = next(p.dtype for name, p in peft_model.named_parameters() if "lora_" in name)
+        merged = peft_model.merge_and_unload()
+        merged.config.use_cache = True  # training turned the KV cache off; a merged model is for inference
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in merged.parameters()})
+        precision = merged_precision(metadata, "/".join(dtypes), delta_dtype, quantized)
+        record = json.dumps({"adapter": str(adapter_dir), "precision": precision, **metadata}, indent=2)
         with atomic_directory(output) as staging:  # the earlier merged model (or our empty claim) steps aside
             merged.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
             (staging / MERGED_METADATA).write_text(record)
+            (staging / CARD).write_text(str(merged_card(metadata, precision)))
             shutil.copy2(output / OWNER_MARKER, staging / OWNER_MARKER)
     except BaseException:
         claim.release()
@@ -288,10 +306,26 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, allow_mismatch: b
     return output
 
 
+def merged_precision(metadata: dict[str, Any], weights: str, delta_dtype, quantized: bool) -> str:
+    """One sentence: the dtype of the merged weights and how they came to be (said in the card and printed)."""
+    delta = str(delta_dtype).removeprefix("torch.")
+    if not quantized:
+        return f"{weights} weights: the base as loaded for the adapter, with the LoRA delta ({delta}) added to them"
+    quant = metadata.get("config", {}).get("peft", {}).get("quantization", {})
+    scheme = quant.get("quant_type", "4-bit").upper() + (", double quant" if quant.get("double_quant") else "")
+    return (
+        f"{weights} weights, not 4-bit: the base was loaded 4-bit ({scheme}) as in training, dequantized to "
+        f"{weights}, and the LoRA delta ({delta}) added to them; the base part is the dequantized 4-bit weights the "
+        "adapter was trained against, not the original full-precision base"
+    )
+
+
 @hydra_app("dpeft-merge", config_name="merge", validator=validate_merge)
 def main(cfg: DictConfig) -> None:
     output = merge_adapter(cfg.adapter, cfg.output, cfg.allow_base_mismatch)
+    precision = json.loads((output / MERGED_METADATA).read_text())["precision"]
     print(f"merged {cfg.adapter} into its base: {output}")
+    print(f"precision: {precision}")
 
 
 if __name__ == "__main__":

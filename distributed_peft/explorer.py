@@ -167,10 +167,10 @@ def _first_line(exc: BaseException) -> str:
 
 def _card(directory: Path, metadata: dict[str, Any]) -> tuple[str, str | None]:
     """The model card (README.md beside the adapter or its run, else one written from the metadata) and loss.png."""
-    from distributed_peft.reports import model_card
+    from distributed_peft.model_cards import card_body, model_card
 
     cards = [d / "README.md" for d in (directory, directory.parent) if (d / "README.md").is_file()]
-    card = cards[0].read_text() if cards else model_card(metadata, metadata.get("eval"))
+    card = card_body(cards[0].read_text() if cards else model_card(metadata, metadata.get("eval")))
     curves = [d / "loss.png" for d in (directory, directory.parent) if (d / "loss.png").is_file()]
     return card, str(curves[0].resolve()) if curves else None
 

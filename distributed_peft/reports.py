@@ -1,4 +1,7 @@
-"""What people look at after a run: eval.json / eval.md (base vs adapter), loss.png, eval_metrics.png, model card."""
+"""What people look at after a run: eval.json / eval.md (base vs adapter), loss.png, eval_metrics.png.
+
+The model card is model_cards.py.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ from typing import Any
 
 from distributed_peft.atomic_files import atomic_savefig, atomic_write_text
 from distributed_peft.metrics import LOWER_IS_BETTER
-from distributed_peft.redaction import redact
 from distributed_peft.tracking import read_metrics
 
 COUNT_METRICS = {"tokens", "generated_examples"}
@@ -105,29 +107,3 @@ def plot_loss_curves(run_dir: Path, title: str) -> Path:
     atomic_savefig(fig, path)
     plt.close(fig)
     return path
-
-
-def write_model_card(path: Path, metadata: dict[str, Any], eval_results: dict[str, Any] | None) -> None:
-    """A short README.md: base, its fingerprint, task, data, steps and metrics."""
-    atomic_write_text(path, redact(model_card(metadata, eval_results)))
-
-
-def model_card(metadata: dict[str, Any], eval_results: dict[str, Any] | None) -> str:
-    """The model card's markdown (what write_model_card writes)."""
-    base, run = metadata["base"], metadata["run"]
-    lines = [
-        f"# {metadata['task']} adapter on {base['name']}",
-        "",
-        f"- task: `{metadata['task']}` ({metadata.get('task_description', '')})",
-        f"- base: `{base['name_or_path']}` ({base['family']}), fingerprint `{base['fingerprint']}`",
-        f"- method: {metadata['peft']['method']} r={metadata['peft']['r']} alpha={metadata['peft']['alpha']}, "
-        f"targets {', '.join(metadata['peft']['target_modules'])}",
-        f"- data: {run['data']}",
-        f"- training: {run['optimizer_steps']} optimizer steps, effective batch {run['effective_batch']}, "
-        f"{run['train_tokens']:,} completion tokens, {run['seconds']:.0f} s",
-        "",
-    ]
-    if eval_results:
-        lines += ["## Evaluation (validation split)", "", metrics_table(eval_results), ""]
-    lines += ["## Reproduce", "", "```", run["command"], "```", ""]
-    return "\n".join(lines)

@@ -420,8 +420,9 @@ class FinetuneRecipe:
         loss curve and model card."""
         from distributed_peft.adapters import ADAPTER_METADATA, save_adapter
         from distributed_peft.evaluate import evaluate_base_and_adapter
+        from distributed_peft.model_cards import CARD, write_model_card
         from distributed_peft.redaction import redact
-        from distributed_peft.reports import plot_loss_curves, write_eval_reports, write_model_card
+        from distributed_peft.reports import plot_loss_curves, write_eval_reports
 
         cfg, accelerator = self.cfg, self.accelerator
         metadata = self._adapter_metadata()
@@ -453,8 +454,8 @@ class FinetuneRecipe:
             title = f"{cfg.task.name} adapter on {cfg.model.name}"
             write_eval_reports(self.run_dir, results, title)
             plot_loss_curves(self.run_dir, title)
-            for card in (self.run_dir / "README.md", adapter_dir / "README.md"):
-                write_model_card(card, metadata, results)
+            card = write_model_card(adapter_dir / CARD, metadata, results)  # peft wrote one: its metadata is kept
+            atomic_write_text(self.run_dir / CARD, str(card))
             self.print(f"eval loss: base {results['base']['loss']:.4f} -> adapter {results['adapter']['loss']:.4f}")
             self.print(f"report:  {self.run_dir / 'eval.md'}  (loss curve: loss.png)")
         return results
