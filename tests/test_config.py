@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import PROJECT_ROOT, compose_config
@@ -177,3 +179,56 @@ def test_a_config_recorded_before_newer_options_reads_them_as_defaults():
     cfg = load_recorded_config(recorded)
     assert cfg.training.packing == "none" and cfg.evaluation.generate is True
     assert cfg.task.name == "detox" and cfg.training.lr == recorded["training"]["lr"]
+
+
+def readme_user_config(tmp_path) -> Path:
+    """The README's own config directory (each yaml block after `my_conf/...`:), written out as a user would."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    blocks = dict(re.findall(r"`(my_conf/[\w/.]+)`:\n+```yaml\n(.*?)```", readme, re.S))
+    assert set(blocks) >= {"my_conf/task/reviews.yaml", "my_conf/experiment/reviews_small.yaml"}
+    for name, block in blocks.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(block)
+    rows = [("The battery lasts two days and the screen is bright.", "Great battery"), ("Broke in a week.", "Broke")]
+    _custom_file(tmp_path, [{"text": t, "title": s} for t, s in rows * 12], name="reviews.jsonl")
+    return tmp_path / "my_conf"
+
+
+@pytest.mark.parametrize("how", ["--config-dir", "hydra.searchpath"])
+def test_a_users_config_dir_composes_with_the_shipped_tree(tmp_path, monkeypatch, how):
+    conf = readme_user_config(tmp_path)
+    monkeypatch.chdir(tmp_path)  # task.data.path=reviews.jsonl, relative as in the README
+    flags = ["--config-dir", str(conf)] if how == "--config-dir" else [f"hydra.searchpath=[file://{conf}]"]
+    cfg = compose_config([*flags, "task=reviews", "model=tiny-bloom"])
+    assert (cfg.task.name, cfg.task.data.columns.review, cfg.model.name) == ("reviews", "text", "tiny-bloom")
+    assert cfg.task.prompt_template == "Review: {review}\nSummary:"
+    overlay = compose_config([*flags, "experiment=reviews_small"])
+    assert (overlay.task.name, overlay.training.max_steps, overlay.training.lr) == ("reviews", 100, 3e-3)
+    with pytest.raises(ConfigError, match=r"task='review' is not a known task; allowed: custom, .*reviews"):
+        compose_config([*flags, "task=review"])
+    with pytest.raises(ConfigError, match="is not a known task"):  # without the directory, the option is unknown
+        compose_config(["task=reviews"])
+
+
+def test_a_missing_config_dir_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="config directory .*absent.* does not exist"):
+        compose_config(["--config-dir", str(tmp_path / "absent"), "task=detox"])
+
+
+def test_a_users_task_from_their_config_dir_trains_from_their_file(tmp_path, monkeypatch, bases):
+    """The real entry point (Hydra parses --config-dir itself), run in this process."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from distributed_peft.train import main
+
+    conf = readme_user_config(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = ["--config-dir", str(conf), "experiment=reviews_small", "training.max_steps=2", "evaluation.generate=false"]
+    monkeypatch.setattr(sys, "argv", ["dpeft-train", *args, "logging.progress_bar=false", "output_dir=run"])
+    GlobalHydra.instance().clear()
+    main()
+    GlobalHydra.instance().clear()
+    recorded = (tmp_path / "run" / "config.yaml").read_text()
+    assert "name: reviews" in recorded and "Review: {review}" in recorded
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").stat().st_size > 0
