@@ -24,7 +24,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from distributed_peft.cli import hydra_app
+from distributed_peft.cli import hydra_app, split_config_flags
 from distributed_peft.config import resolve_data_source
 from distributed_peft.errors import AdapterError, ConfigError, DataError
 from distributed_peft.objective import completion_token_stats
@@ -148,7 +148,7 @@ def parse_user_overrides(overrides: Sequence[str]) -> list[Override]:
 
 def command_line_overrides() -> list[str]:
     """The user's overrides: the command line itself, or Hydra's record of one multirun job's (sweeps, flags)."""
-    args = sys.argv[1:]
+    args = split_config_flags(sys.argv[1:])[0]  # --config-dir/--config-name choose configs: not overrides
     if not any(a.startswith("-") for a in args) and not any(o.is_sweep_override() for o in parse_user_overrides(args)):
         return args
     return list(HydraConfig.get().overrides.task)  # sweeps and flags reach the validator only inside Hydra's job
