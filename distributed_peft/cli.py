@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -23,10 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distributed_peft.config import (
+    CONF_DIR,
     CONF_MODULE,
     CONF_SEARCH_PATH,
     CONFIG_GROUPS,
     group_options,
+    missing_extra,
     register_configs,
     validate,
 )
@@ -99,8 +101,49 @@ def _searchpath_override(directories: list[Path], plain: list) -> list[str]:
     entries += [
         str(e) for o in plain if o.key_or_group == "hydra.searchpath" for e in o.value() if e.startswith("pkg://")
     ]
+    entries += [CONF_SEARCH_PATH] if entries else []  # ours too: the primary config may be in a user's directory
     quoted = ",".join("'" + e.replace("\\", "\\\\").replace("'", "\\'") + "'" for e in entries)
     return [f"hydra.searchpath=[{quoted}]"] if entries else []
+
+
+def _initialize(config_name: str, directories: list[Path]):
+    """Hydra's compose API over our tree; over the user's directory when the primary config is there, as `hydra.main`
+    finds `--config-dir DIR --config-name NAME` (DIR/NAME.yaml; compose cannot load a primary from hydra.searchpath)."""
+    if not (CONF_DIR / f"{config_name}.yaml").is_file():
+        home = next((d for d in directories if (d / f"{config_name}.yaml").is_file()), None)
+        if home is not None:
+            return initialize_config_dir(config_dir=str(home), version_base="1.3")
+    return initialize_config_module(config_module=CONF_MODULE, version_base="1.3")
+
+
+HYDRA_GROUP_CHOICE = re.compile(r"(hydra/[\w/]+)=([\w.-]+)")  # hydra/launcher=slurm (not a sweep over launchers)
+SUBMITIT_LAUNCHERS = ("slurm", "local", "submitit_slurm", "submitit_local")
+
+
+def check_hydra_choices(overrides: list[str], config_dirs: list[str]) -> None:
+    """`hydra/launcher=NAME` and the other groups of Hydra's own config: a known option whose plugin is installed.
+
+    Checked even under -m and sweeps (which Hydra expands), before anything is submitted.
+    """
+    chosen = [m.groups() for m in map(HYDRA_GROUP_CHOICE.fullmatch, overrides) if m]
+    if not chosen:
+        return
+    from hydra.core.global_hydra import GlobalHydra
+
+    problems = []
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()  # Hydra's options, plugins' included
+        for group, choice in chosen:
+            if group == "hydra/launcher" and choice in SUBMITIT_LAUNCHERS:
+                problem = missing_extra("hydra_plugins.hydra_submitit_launcher", "slurm", f"{group}={choice}")
+                if problem:
+                    problems.append(problem)
+                    continue
+            options = sorted({*loader.get_group_options(group), *group_options(group, config_dirs)})
+            if choice not in options:
+                problems.append(f"{group}={choice!r} is not a known {group}; allowed: {', '.join(options)}")
+    if problems:
+        raise ConfigError(problems)
 
 
 def check_overrides(
@@ -112,6 +155,7 @@ def check_overrides(
     """
     overrides = literal_overrides(overrides, config_name)  # prompts, inputs and templates are text, not syntax
     overrides, config_dirs, user_config_name = split_config_flags(overrides)
+    check_hydra_choices(overrides, config_dirs)
     if any(arg.startswith("-") for arg in overrides):
         return None
     config_name = user_config_name or config_name
@@ -136,7 +180,7 @@ def check_overrides(
         raise ConfigError(problems)
     register_configs()
     try:
-        with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+        with _initialize(config_name, directories):
             cfg = compose(config_name=config_name, overrides=plain + _searchpath_override(directories, parsed_all))
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_one_line(exc)) from exc
