@@ -18,7 +18,7 @@ from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
 from distributed_peft.adapters import portable_base_name
 from distributed_peft.atomic_files import atomic_write_text
-from distributed_peft.redaction import redact
+from distributed_peft.redaction import redact, redact_values
 from distributed_peft.reports import COUNT_METRICS, metrics_table
 
 PIPELINE_TAG = "text-generation"
@@ -200,19 +200,9 @@ def adapter_card(
     return _card(data, adapter_card_text(metadata, results, peft_version))
 
 
-def _redacted(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {key: _redacted(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_redacted(item) for item in value]
-    return value
-
-
 def _card(data: ModelCardData, text: str) -> ModelCard:
     # metadata values are masked before they are dumped, so a masked value is still valid (quoted) YAML
-    return ModelCard(f"---\n{ModelCardData(**_redacted(data.to_dict())).to_yaml()}\n---\n\n{redact(text)}")
+    return ModelCard(f"---\n{ModelCardData(**redact_values(data.to_dict())).to_yaml()}\n---\n\n{redact(text)}")
 
 
 def model_card(metadata: dict[str, Any], results: dict[str, Any] | None) -> str:

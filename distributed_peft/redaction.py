@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 MASK = "***"
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|CREDENTIAL", re.IGNORECASE)
@@ -33,3 +34,18 @@ def redact(text: str) -> str:
     for shape in TOKEN_SHAPES:
         text = shape.sub(MASK, text)
     return text
+
+
+def redact_values(value: Any) -> Any:
+    """`value` (str, dict, list, nested) with `redact` applied to every string in it, keys included.
+
+    Mask values before a structure is dumped as YAML, never the dumped text: a masked plain scalar (`key: ***`)
+    would read back as a YAML alias and fail to load; the dumper quotes a masked value.
+    """
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact_values(key): redact_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_values(item) for item in value]
+    return value

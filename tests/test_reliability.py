@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PROJECT_ROOT, compose_config, run_entry
+from omegaconf import OmegaConf
 
 from distributed_peft import objective
 from distributed_peft.atomic_files import TMP_PREFIX
@@ -175,7 +176,20 @@ def test_planted_secrets_appear_in_no_output_log_or_card(monkeypatch, capfd, tmp
         assert value not in printed.out + printed.err
         leaks = [str(p) for p in written if value.encode() in p.read_bytes()]
         assert not leaks, f"secret found in {leaks}"
-    assert "description: ***" in (tmp_path / "run" / "config.yaml").read_text()
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml").task.description == "***"  # masked, and loads back
+
+
+def test_a_config_value_that_is_a_secret_is_masked_and_the_yaml_still_loads(monkeypatch):
+    from distributed_peft.config import to_yaml
+
+    monkeypatch.setenv("MY_SERVICE_PASSWORD", PLANTED["MY_SERVICE_PASSWORD"])
+    cfg = compose_config(
+        ["task.description=${oc.env:MY_SERVICE_PASSWORD}", "task.name=x-${oc.env:MY_SERVICE_PASSWORD}"]
+    )
+    text = to_yaml(cfg)
+    assert PLANTED["MY_SERVICE_PASSWORD"] not in text
+    loaded = OmegaConf.create(text)  # a bare *** would be a YAML alias: the dump must quote it
+    assert (loaded.task.description, loaded.task.name, loaded.model.name) == ("***", "x-***", cfg.model.name)
 
 
 def test_remote_code_is_never_trusted_unless_the_user_says_so():
