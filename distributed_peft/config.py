@@ -697,7 +697,7 @@ def lora_targets(cfg: DictConfig) -> list[str]:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    """The resolved config as saved with a run, secrets from the environment masked."""
-    from distributed_peft.redaction import redact
+    """The resolved config as saved with a run, secrets from the environment masked (it loads back as YAML)."""
+    from distributed_peft.redaction import redact_values
 
-    return redact(OmegaConf.to_yaml(cfg, resolve=True))
+    return OmegaConf.to_yaml(OmegaConf.create(redact_values(OmegaConf.to_container(cfg, resolve=True))))
