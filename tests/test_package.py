@@ -84,10 +84,18 @@ def run(installed: dict[str, Path], *cmd: str, timeout: int = 300) -> subprocess
 def test_the_wheel_holds_every_file_of_the_package(installed):
     """Config tree, launch templates, prebuilt adapters, sample corpora: whatever the package holds, the wheel holds."""
     in_wheel = set(zipfile.ZipFile(installed["wheel"]).namelist())
-    wanted = [n for n in checkout_files() if n.startswith("distributed_peft/") and n.endswith(PACKAGE_FILE_SUFFIXES)]
+    packages = ("distributed_peft/", "hydra_plugins/")  # hydra_plugins: our submitit launchers, where Hydra looks
+    wanted = [n for n in checkout_files() if n.startswith(packages) and n.endswith(PACKAGE_FILE_SUFFIXES)]
     missing = [n for n in wanted if n not in in_wheel]
     assert not missing, f"files of the package missing from the wheel: {missing[:20]}"
-    for shipped in ("conf/config.yaml", "conf/task/detox.yaml", "launch/accelerate/zero3.yaml", "conf/__init__.py"):
+    for shipped in (
+        "conf/config.yaml",
+        "conf/task/detox.yaml",
+        "conf/hydra/launcher/slurm.yaml",
+        "launch/accelerate/zero3.yaml",
+        "launch/skypilot/train.yaml",
+        "conf/__init__.py",
+    ):
         assert f"distributed_peft/{shipped}" in in_wheel
     assert any(n.startswith("distributed_peft/adapters_prebuilt/detox/") for n in in_wheel)
     metadata = zipfile.ZipFile(installed["wheel"]).read(next(n for n in in_wheel if n.endswith(".dist-info/METADATA")))
