@@ -59,9 +59,11 @@ browser:
 test: $(STAMP) lint browser
 	$(VENV)/bin/python -m pytest
 
-# Our packing vs TRL SFTTrainer (padded and padding-free): tokens/s, padding waste, memory, eval loss
+# Our packing vs TRL SFTTrainer (padded and padding-free): tokens/s, padding waste, memory, eval loss, into runs/bench.
+# Its keys (dpeft-bench --help) as BENCH: make bench BENCH="tasks=[detox] repeats=1 output_dir=runs/bench-detox"
+BENCH ?=
 bench: $(STAMP)
-	$(VENV)/bin/dpeft-bench
+	$(VENV)/bin/dpeft-bench $(BENCH)
 
 # 1 vs 2 workers, tokens/s per worker and scaling efficiency (CPU processes here, GPUs where present)
 bench-scaling: $(STAMP)

@@ -1,20 +1,20 @@
 """dpeft-bench (make bench): our packing against the common recipe, TRL's SFTTrainer, on the same QLoRA job.
 
     dpeft-bench                                   # detox and instruct, 3 interleaved repeats, tiny-llama QLoRA
-    dpeft-bench --tasks detox --repeats 2 --examples 200
+    dpeft-bench tasks=[detox] repeats=2 examples=200 output_dir=runs/bench-detox
 
 Variants, on the same data, model, LoRA, optimizer, schedule and examples (one epoch, so the same completion tokens):
   trl_padded (the baseline: SFTTrainer with padded batches, as the seed notebooks use it), ours_padded,
   ours_group_by_length, ours_padding_free, trl_padding_free (TRL's own packing, the strongest peer recipe).
-Each run is its own subprocess (peak RSS is per run); variants are interleaved and repeated, and the table gives
-the median and range of non-pad tokens/s, the ratio to the baseline, padding waste, peak memory and the final eval
-loss (our completion-only evaluation on the same validation split for every variant). Writes bench.json, bench.md
-into --output, which must be absent, empty or made by distributed-peft (checked before the first run).
+Each run is its own subprocess (peak RSS is per run; `python -m distributed_peft.benchmark --child ...`, internal);
+variants are interleaved and repeated, and the table gives the median and range of non-pad tokens/s, the ratio to
+the baseline, padding waste, peak memory and the final eval loss (our completion-only evaluation on the same
+validation split for every variant). Writes bench.json, bench.md into output_dir, which must be absent, empty or made
+by distributed-peft (checked before the first run). Keys: conf/bench.yaml (BenchConfig in config.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
@@ -25,13 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distributed_peft.atomic_files import atomic_write_text
-from distributed_peft.cli import report_user_error
-from distributed_peft.config import PROJECT_ROOT, missing_extra
-from distributed_peft.errors import USER_ERROR_EXIT_CODE, DpeftError
-from distributed_peft.output_dirs import ClaimedDir, claim_output_dir
+from omegaconf import DictConfig, OmegaConf
 
-VARIANTS = ("trl_padded", "ours_padded", "ours_group_by_length", "ours_padding_free", "trl_padding_free")
+from distributed_peft.atomic_files import atomic_write_text
+from distributed_peft.cli import hydra_app
+from distributed_peft.config import BENCH_VARIANTS as VARIANTS
+from distributed_peft.config import PROJECT_ROOT, missing_extra, validate_bench
+from distributed_peft.errors import ConfigError
+from distributed_peft.output_dirs import claim_output_dir
+
 BASELINE = "trl_padded"
 SHARED = PROJECT_ROOT.parent / "shared" / "datasets"
 REAL_DATA = {
@@ -158,73 +160,59 @@ def summarize(runs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any
     return rows, "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=["detox", "instruct"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--examples", type=int, default=400, help="examples per task (train + validation)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--output", type=Path, default=Path("runs/bench"))
-    parser.add_argument("--child", nargs=4, metavar=("VARIANT", "TASK", "EXAMPLES", "RESULT"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        variant, task, examples, result = args.child
-        child(variant, task, int(examples), Path(result))
-        return
+@hydra_app("dpeft-bench", config_name="bench", validator=validate_bench)
+def main(cfg: DictConfig) -> None:
+    """Every variant on every task, into output_dir (claimed before the first run); the tables on stdout."""
     missing = missing_extra("trl", "bench", "dpeft-bench (TRL's SFTTrainer is its baseline)")
     if missing:
-        report_user_error(DpeftError(missing), "dpeft-bench")
-        sys.exit(USER_ERROR_EXIT_CODE)
-    claimed = claim_bench_output(args.output)
+        raise ConfigError(missing)
+    output = Path(cfg.output_dir)
+    claimed = claim_output_dir(output, key="output_dir", command="dpeft-bench")
     try:
-        report, markdown = run_benchmark(args)
-        atomic_write_text(args.output / "bench.json", json.dumps(report, indent=2))
-        atomic_write_text(args.output / "bench.md", "\n".join(markdown))
-    except DpeftError as error:  # a failed write: one line; remove what this benchmark created, nothing else
-        claimed.release()
-        report_user_error(error, "dpeft-bench")
-        sys.exit(error.exit_code)
-    except BaseException:  # a failed run or Ctrl-C: the same clean-up, the error as it is
+        report, markdown = run_benchmark(cfg)
+        atomic_write_text(output / "bench.json", json.dumps(report, indent=2))
+        atomic_write_text(output / "bench.md", "\n".join(markdown))
+    except BaseException:  # a failed run or write, Ctrl-C: remove what this benchmark created, nothing else
         claimed.release()
         raise
     print("\n".join(markdown))
-    print(f"written: {args.output / 'bench.md'}")
+    print(f"written: {output / 'bench.md'}")
 
 
-def claim_bench_output(output: Path) -> ClaimedDir:
-    """Claim --output (absent, empty or ours) before an hour of runs, or exit 2 with one line."""
-    try:
-        return claim_output_dir(output, key="--output", command="dpeft-bench")
-    except DpeftError as error:
-        report_user_error(error, "dpeft-bench")
-        sys.exit(USER_ERROR_EXIT_CODE)
-
-
-def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+def run_benchmark(cfg: DictConfig) -> tuple[dict[str, Any], list[str]]:
     """Every variant on every task, interleaved and repeated; the report and its markdown tables."""
-    variants = [BASELINE, *[v for v in args.variants if v != BASELINE]]
+    variants = [BASELINE, *[v for v in cfg.variants if v != BASELINE]]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch:
-        for repeat in range(args.repeats):
-            for task in args.tasks:
+        for repeat in range(cfg.repeats):
+            for task in cfg.tasks:
                 for variant in variants:  # interleaved, so drift on a shared machine hits every variant
                     result = Path(scratch) / f"{task}-{variant}-{repeat}.json"
                     cmd = [sys.executable, "-m", "distributed_peft.benchmark", "--child", variant, task,
-                           str(args.examples), str(result)]  # fmt: skip
+                           str(cfg.examples), str(result)]  # fmt: skip
                     proc = subprocess.run(cmd, capture_output=True, text=True)
                     if proc.returncode != 0:
                         sys.exit(f"{variant} on {task} failed:\n{proc.stderr[-3000:]}")
                     runs.append(json.loads(result.read_text()))
-                    print(f"  [{repeat + 1}/{args.repeats}] {task:8s} {variant:22s} "
+                    print(f"  [{repeat + 1}/{cfg.repeats}] {task:8s} {variant:22s} "
                           f"{runs[-1]['tokens_per_s']:8,.0f} non-pad tok/s", flush=True)  # fmt: skip
-    report = {"setup": vars(args) | {"output": str(args.output), "child": None}, "runs": runs, "tables": {}}
+    report = {"setup": OmegaConf.to_container(cfg, resolve=True), "runs": runs, "tables": {}}
     markdown = ["# dpeft-bench: tiny-llama QLoRA, one epoch, non-pad tokens/s", ""]
-    for task in args.tasks:
+    for task in cfg.tasks:
         rows, table = summarize(runs, task)
         report["tables"][task] = rows
         markdown += [table, ""]
     return report, markdown
 
 
+def child_main(argv: list[str]) -> None:
+    """`python -m distributed_peft.benchmark --child VARIANT TASK EXAMPLES RESULT`: one run, for run_benchmark."""
+    variant, task, examples, result = argv
+    child(variant, task, int(examples), Path(result))
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:
+        child_main(sys.argv[2:])
+    else:
+        main()

@@ -1,15 +1,18 @@
 """The shared shell of every `dpeft-*` entry point: a Hydra app over the packaged config tree that checks it first.
 
 A user's mistake (unknown option, bad value, missing file) is printed as one line per problem and exits
-with code 2 before any model is loaded; bugs keep their tracebacks.
+with code 2 before any model is loaded; bugs keep their tracebacks. Every command answers `--help` (its own text in
+conf/hydra/help/<command>.yaml: what it does, the groups it composes, its main keys) and `--cfg job|hydra|all`
+(Hydra's print of the composed config), with the overrides checked the same way and nothing run.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import string
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,11 +150,15 @@ def check_hydra_choices(overrides: list[str], config_dirs: list[str]) -> None:
 
 
 def check_overrides(
-    overrides: list[str], config_name: str = "config", validator: Callable[[DictConfig], None] = validate
+    overrides: list[str],
+    config_name: str = "config",
+    validator: Callable[[DictConfig], None] = validate,
+    hydra_overrides: Sequence[str] = (),
 ) -> DictConfig | None:
     """Compose and validate the config the way the app will; raise ConfigError on any user mistake.
 
-    Returns None when the command line holds sweeps or Hydra flags, which Hydra itself must expand.
+    Returns None when the command line holds sweeps or Hydra flags, which Hydra itself must expand. With
+    `hydra_overrides` (choices of Hydra's own groups, `hydra/help=NAME`) the config keeps its `hydra` node.
     """
     overrides = literal_overrides(overrides, config_name)  # prompts, inputs and templates are text, not syntax
     overrides, config_dirs, user_config_name = split_config_flags(overrides)
@@ -181,7 +188,11 @@ def check_overrides(
     register_configs()
     try:
         with _initialize(config_name, directories):
-            cfg = compose(config_name=config_name, overrides=plain + _searchpath_override(directories, parsed_all))
+            cfg = compose(
+                config_name=config_name,
+                overrides=plain + _searchpath_override(directories, parsed_all) + list(hydra_overrides),
+                return_hydra_config=bool(hydra_overrides),
+            )
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_one_line(exc)) from exc
     except AssertionError as exc:  # OmegaConf's update of a key under a group this command left empty (null)
@@ -199,6 +210,89 @@ def check_overrides(
         raise ConfigError(problems) from exc
     validator(cfg)
     return cfg
+
+
+HELP_FLAGS = ("--help", "-h")
+CFG_FLAGS = ("--cfg", "-c")  # job | hydra | all: Hydra prints the composed config and runs nothing
+PRINT_FLAG_VALUES = (*CFG_FLAGS, "--package", "-p")  # flags that take a value
+
+
+def split_print_flags(argv: list[str]) -> tuple[list[str], list[str]] | None:
+    """(overrides, flags) of a command line that only asks to print (--help, --cfg job); None for any other."""
+    overrides, flags = [], []
+    args = iter(argv)
+    for arg in args:
+        flag, equals, _ = arg.partition("=")
+        if flag in PRINT_FLAG_VALUES:
+            flags += [arg] if equals else [arg, next(args, "")]
+        elif arg in (*HELP_FLAGS, "--resolve"):
+            flags.append(arg)
+        else:
+            overrides.append(arg)
+    printing = any(f.partition("=")[0] in (*HELP_FLAGS, *CFG_FLAGS) for f in flags)
+    return (overrides, flags) if printing else None
+
+
+def _unchecked(cfg: DictConfig) -> None:
+    """What --help and --cfg compose is printed, not run: an incomplete config (adapter=???) is shown as it is."""
+
+
+def help_choice(prog: str) -> str:
+    """The command's help config, by its name: config.yaml serves dpeft-train, -eval, -launch and -build-base."""
+    return f"hydra/help={prog if (CONF_DIR / 'hydra' / 'help' / f'{prog}.yaml').is_file() else 'dpeft'}"
+
+
+def command_help(prog: str, config_name: str, overrides: list[str]) -> str:
+    """`prog --help`: the layout of conf/hydra/help/dpeft.yaml filled by hydra/help/<prog>.yaml, over the config
+    the overrides compose; $APP_CONFIG_GROUPS lists the groups this command composes (not every group in conf/)."""
+    choose_help = [help_choice(prog)]
+    cfg = check_overrides(overrides, config_name, _unchecked, choose_help)
+    if cfg is None:  # a sweep or a Hydra flag beside --help: the help of the command's defaults
+        cfg = check_overrides([], config_name, _unchecked, choose_help)
+    directories = [e.removeprefix("file://") for e in cfg.hydra.searchpath if e.startswith("file://")]
+    choices = cfg.hydra.runtime.choices
+    label = "chosen" if any(o.lstrip("+~").partition("=")[0] in choices for o in overrides) else "default"
+    listing = "".join(
+        f"{group}: {', '.join(group_options(group, directories))} ({label}: {choice or 'none'})\n"
+        for group, choice in sorted(choices.items())
+        if not group.startswith("hydra/")
+    )
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return string.Template(cfg.hydra.help.template).safe_substitute(
+        APP_CONFIG_GROUPS=listing or "(none: every setting is a key)\n", CONFIG=OmegaConf.to_yaml(job)
+    )
+
+
+def print_only(prog: str, config_name: str, argv: list[str]) -> int | None:
+    """Answer `--help` or `--cfg job|hydra|all` (Hydra's own print) after checking the overrides; run nothing.
+
+    Returns the exit code (2 on a user mistake, one line each), or None when the command line asks for more.
+    """
+    split = split_print_flags(argv)
+    if split is None:
+        return None
+    overrides, flags = split
+    try:
+        if any(flag in HELP_FLAGS for flag in flags):
+            print(command_help(prog, config_name, overrides))
+            return 0
+        if {"-m", "--multirun"} & set(overrides):  # Hydra's own refusal is a traceback
+            raise ConfigError("--cfg prints one composed config, not a sweep; allowed: --cfg job without -m")
+        check_overrides(overrides, config_name, _unchecked)
+    except DpeftError as error:
+        report_user_error(error, prog)
+        return USER_ERROR_EXIT_CODE
+    saved = sys.argv
+    sys.argv = [prog, *literal_overrides(argv, config_name), help_choice(prog)]  # --cfg all: its own hydra.help
+    try:
+        hydra.main(config_path=CONF_SEARCH_PATH, config_name=config_name, version_base="1.3")(_not_run)()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _not_run(cfg: DictConfig) -> None:
+    raise AssertionError("Hydra runs no task under --cfg")
 
 
 def _remove_if_empty(directory: str) -> None:
@@ -248,6 +342,9 @@ def hydra_app(
         def entry() -> Any:
             sys.argv[1:] = literal_overrides(sys.argv[1:], config_name)  # what Hydra parses: user text as text
             register_configs()
+            printed = print_only(prog, config_name, sys.argv[1:])
+            if printed is not None:
+                sys.exit(printed)
             try:
                 check_overrides(sys.argv[1:], config_name, validator)
             except DpeftError as error:

@@ -246,6 +246,47 @@ class ExploreConfig:
     allow_base_mismatch: bool = False
 
 
+# dpeft-bench's variants, on the same job: TRL's SFTTrainer padded (the baseline) and padding-free, and ours
+BENCH_VARIANTS = ("trl_padded", "ours_padded", "ours_group_by_length", "ours_padding_free", "trl_padding_free")
+
+
+@dataclass
+class BenchConfig:
+    """dpeft-bench: our packing against TRL's SFTTrainer on the same tiny-llama QLoRA job (benchmark.py)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["detox", "instruct"])
+    repeats: int = 3  # every variant, interleaved with the others
+    examples: int = 400  # per task, train + validation
+    variants: list[str] = field(default_factory=lambda: list(BENCH_VARIANTS))  # trl_padded always runs
+    output_dir: str = "runs/bench"  # bench.json, bench.md
+
+
+def validate_bench(cfg: DictConfig) -> None:
+    problems = unknown_keys(cfg, BenchConfig)
+    bundled = [
+        t for t in group_options("task") if OmegaConf.load(CONF_DIR / "task" / f"{t}.yaml").data.get("sample_file")
+    ]
+    allowed = f"{', '.join(bundled)} (the tasks with bundled data)"
+    _check(problems, len(cfg.tasks) > 0, "tasks", list(cfg.tasks), f"a non-empty list of: {allowed}")
+    for task in cfg.tasks:
+        if task not in bundled:
+            problems.append(f"tasks: {task!r} is not a task dpeft-bench runs; allowed: {allowed}")
+    _check(problems, len(cfg.variants) > 0, "variants", list(cfg.variants), "a non-empty list")
+    for variant in cfg.variants:
+        if variant not in BENCH_VARIANTS:
+            problems.append(f"variants: {variant!r} is not a variant; allowed: {', '.join(BENCH_VARIANTS)}")
+    _check(problems, cfg.repeats >= 1, "repeats", cfg.repeats, "an integer >= 1")
+    _check(problems, cfg.examples >= 2, "examples", cfg.examples, "an integer >= 2 (one to train on, one to evaluate)")
+    try:  # known before an hour of runs
+        from distributed_peft.output_dirs import check_output_dir
+
+        check_output_dir(cfg.output_dir)
+    except DpeftError as error:
+        problems.extend(error.problems)
+    if problems:
+        raise ConfigError(problems)
+
+
 def validate_generate(cfg: DictConfig) -> None:
     problems = unknown_keys(cfg, GenerateConfig)
     for adapter in cfg.adapters:
@@ -293,6 +334,7 @@ def register_configs() -> None:
     store.store(name="generate_config", node=GenerateConfig)
     store.store(name="merge_config", node=MergeConfig)
     store.store(name="explore_config", node=ExploreConfig)
+    store.store(name="bench_config", node=BenchConfig)
     if not OmegaConf.has_resolver("dpeft_output_dir"):
         OmegaConf.register_new_resolver("dpeft_output_dir", default_output_dir)
 

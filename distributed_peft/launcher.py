@@ -4,6 +4,7 @@
     NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 dpeft-launch task=sql distributed=zero3 num_gpu_workers=8
     dpeft-launch --dry-run task=sql distributed=ddp num_gpu_workers=4        # print the command and configs only
     dpeft-launch --print-config zero3 > zero3.yaml                            # a shipped template, to edit
+    dpeft-launch --help                     # its groups and main keys; --cfg job prints the composed config
 
 `num_gpu_workers` is the number of workers per node; the job has num_gpu_workers x num_machines processes. On a
 machine without GPUs the same launch runs on CPU processes with gloo, so every mode but FSDP can be tried there.
@@ -33,7 +34,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig
 
-from distributed_peft.cli import check_overrides, report_user_error
+from distributed_peft.cli import check_overrides, print_only, report_user_error
 from distributed_peft.config import HOST_PATTERN, PACKAGE_DIR
 from distributed_peft.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError, DpeftError
 from distributed_peft.output_dirs import ClaimedDir, check_not_locked, check_output_dir
@@ -270,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         return print_template(name if equals else (argv[1] if len(argv) > 1 else None))
     dry_run = "--dry-run" in argv
     overrides = [a for a in argv if a != "--dry-run"]
+    printed = print_only(PROG, "config", overrides)  # --help, --cfg job: as every dpeft-* command answers them
+    if printed is not None:
+        return printed
     try:
         cfg = check_overrides(overrides)
         if cfg is None:

@@ -47,6 +47,7 @@ def run_entry(monkeypatch, prog: str, argv: list[str]) -> tuple[int, list[str]]:
         "dpeft-reproduce": "reproduce",
         "dpeft-explore": "explorer",
         "dpeft-build-base": "embedded_base",
+        "dpeft-bench": "benchmark",
     }[prog]
     main = importlib.import_module(f"distributed_peft.{module}").main
     GlobalHydra.instance().clear()

@@ -16,18 +16,11 @@ def test_bench_runs_every_kind_of_variant_and_writes_its_files(tmp_path, bases):
         sys.executable,
         "-m",
         "distributed_peft.benchmark",
-        "--tasks",
-        "detox",
-        "--repeats",
-        "1",
-        "--examples",
-        "48",
-        "--variants",
-        "trl_padded",
-        "ours_padding_free",
-        "ours_group_by_length",
-        "--output",
-        str(tmp_path),
+        "tasks=[detox]",
+        "repeats=1",
+        "examples=48",
+        "variants=[trl_padded,ours_padding_free,ours_group_by_length]",
+        f"output_dir={tmp_path}",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

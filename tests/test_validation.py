@@ -262,18 +262,17 @@ def test_a_launch_that_fails_before_its_run_writes_removes_the_directory_it_crea
 # --- dpeft-bench writes only into a directory it may use
 
 
-def test_bench_into_a_foreign_directory_is_refused_before_any_run(monkeypatch, capsys, tmp_path):
+def test_bench_into_a_foreign_directory_is_refused_before_any_run(monkeypatch, tmp_path):
     def no_run(*args, **kwargs):
         raise AssertionError("the benchmark started although its output directory is refused")
 
     monkeypatch.setattr(benchmark.subprocess, "run", no_run)
     mine = foreign_directory(tmp_path)
     before = snapshot(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        benchmark.main(["--output", str(mine)])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines() == [
-        f"dpeft-bench: error: --output='{mine}' holds files distributed-peft did not write (notes.txt); nothing was "
-        "touched; allowed: a new or empty directory, or one made by a distributed-peft command"
+    code, lines = run_entry(monkeypatch, "dpeft-bench", [f"output_dir={mine}"])
+    assert code == 2
+    assert lines == [
+        f"dpeft-bench: error: output_dir='{mine}' holds files distributed-peft did not write (notes.txt); nothing "
+        "was touched; allowed: a new or empty directory, or one made by a distributed-peft command"
     ]
     assert snapshot(tmp_path) == before
