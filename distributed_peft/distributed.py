@@ -26,6 +26,8 @@ def build_accelerator(cfg: DictConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    from distributed_peft.tracking import quiet_deepspeed_setup
+
     backend = cfg.distributed.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -33,11 +35,12 @@ def build_accelerator(cfg: DictConfig):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a backend on a single process would make accelerate wait for peers
         timeout = timedelta(seconds=cfg.distributed.timeout_s)
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
-    return Accelerator(
-        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-        mixed_precision=resolve_mixed_precision(cfg.training.mixed_precision),
-        kwargs_handlers=handlers,
-    )
+    with quiet_deepspeed_setup(debug=cfg.logging.debug):  # its op probe's compiler lines (`gcc ...`) and notices
+        return Accelerator(
+            gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+            mixed_precision=resolve_mixed_precision(cfg.training.mixed_precision),
+            kwargs_handlers=handlers,
+        )
 
 
 def launched_strategy(accelerator) -> str:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
+import re
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,16 +89,78 @@ class _ErrorsOnly(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
+def showing_third_party_notices(debug: bool = False) -> bool:
+    """`logging.debug=true` or DPEFT_DEBUG=1: every third-party notice is shown as the library prints it."""
+    return debug or os.environ.get("DPEFT_DEBUG") == "1"
+
+
 def quiet_third_party_notices(debug: bool = False) -> None:
     """A normal run prints our progress and results: third-party warnings and FutureWarnings are silenced where they
     arise (their loggers filtered before the libraries import), unless `logging.debug=true` or DPEFT_DEBUG=1."""
-    if debug or os.environ.get("DPEFT_DEBUG") == "1":
+    if showing_third_party_notices(debug):
         return
     for name in QUIET_LOGGERS:
         logger = logging.getLogger(name)  # the same object the library gets when it imports later
         if not any(isinstance(f, _ErrorsOnly) for f in logger.filters):
             logger.addFilter(_ErrorsOnly())
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+# DeepSpeed's comm backend loads its shared-memory op on CPU and says so with a print(), on every rank.
+DEEPSPEED_OP_LOADED = re.compile(r"DeepSpeed \S+ built successfully")
+
+
+@contextlib.contextmanager
+def quiet_deepspeed_setup(debug: bool = False) -> Iterator[None]:
+    """Around the Accelerator's DeepSpeed setup (a DeepSpeed launch only): its op builder's probe of which ops this
+    machine can build, run first with its output captured at fd level (compiler lines `gcc ... -o /tmp/...` through
+    the root logger, "[WARNING] async_io requires ..." prints; shown again if the probe fails), then the setup itself
+    with the comm op's "... built successfully" print left out. Everything shows with logging.debug or DPEFT_DEBUG=1.
+    """
+    if showing_third_party_notices(debug) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        yield
+        return
+    with _output_captured_unless_failing():
+        try:
+            import deepspeed.ops
+        except ImportError:  # accelerate says what is missing when it sets DeepSpeed up
+            pass
+        else:
+            deepspeed.ops.__compatible_ops__  # noqa: B018 (probed on first access, once per process, then cached)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        lines = printed.getvalue().splitlines(keepends=True)
+        sys.stdout.write("".join(line for line in lines if not DEEPSPEED_OP_LOADED.fullmatch(line.strip())))
+
+
+@contextlib.contextmanager
+def _output_captured_unless_failing() -> Iterator[None]:
+    """This process's stdout and stderr (its children's too) into a temporary file, written to stderr on an error."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile() as captured:
+        try:
+            for fd in saved:
+                os.dup2(captured.fileno(), fd)
+            yield
+        except BaseException:
+            captured.seek(0)
+            output = captured.read()
+            raise
+        else:
+            output = b""
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            if output:
+                sys.stderr.write(output.decode(errors="replace"))
 
 
 def quiet_library_progress() -> None:

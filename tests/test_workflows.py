@@ -446,6 +446,54 @@ def test_third_party_notices_are_silenced_unless_debug(monkeypatch, capsys):
         assert logger.filter(logging.makeLogRecord({"levelno": logging.ERROR})), "errors still reach the user"
 
 
+# A process whose `deepspeed.ops` is a stand-in: its lazy `__compatible_ops__` is DeepSpeed's probe of which ops the
+# machine can build (compiler command lines through the root logger, a print per op it cannot build), and the setup
+# reads it, then prints the comm op's notice and a line of its own, as the Accelerator's DeepSpeed setup does.
+FAKE_DEEPSPEED_SETUP = """
+import logging, subprocess, sys, types
+from distributed_peft.tracking import quiet_deepspeed_setup
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")  # Hydra's stdout job logging
+ops = types.ModuleType("deepspeed.ops")
+
+def probe():
+    logging.getLogger().info("gcc -fPIC -c /tmp/tmpab/test.c -o /tmp/tmpab/test.o")
+    print(" [WARNING]  async_io requires the dev libaio .so object and headers but these were not found.")
+    subprocess.run(["sh", "-c", "echo compiler stderr >&2"])
+    if sys.argv[1] == "fail":
+        raise RuntimeError("probe failed")
+    ops.__compatible_ops__ = {}
+    return ops.__compatible_ops__
+
+ops.__getattr__ = lambda name: probe()
+sys.modules["deepspeed"], sys.modules["deepspeed.ops"] = types.ModuleType("deepspeed"), ops
+sys.modules["deepspeed"].ops = ops
+with quiet_deepspeed_setup(debug=sys.argv[1] == "debug"):
+    sys.modules["deepspeed.ops"].__compatible_ops__
+    print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+    print("a line of the setup")
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "debug", "fail"])
+def test_deepspeed_setup_notices_are_silenced_where_they_arise(mode):
+    """Quiet: only the setup's own line; logging.debug: everything; a failing probe: what it printed, on stderr."""
+    env = {**os.environ, "ACCELERATE_USE_DEEPSPEED": "true"}
+    env.pop("DPEFT_DEBUG", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", FAKE_DEEPSPEED_SETUP, mode], capture_output=True, text=True, env=env, timeout=60
+    )
+    probe = ["-o /tmp/tmpab/test.o", "async_io requires", "compiler stderr"]
+    if mode == "quiet":
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "a line of the setup\n", "")
+    elif mode == "debug":
+        assert proc.returncode == 0 and "built successfully" in proc.stdout
+        assert all(line in proc.stdout + proc.stderr for line in probe)
+    else:
+        assert proc.returncode == 1 and "a line of the setup" not in proc.stdout
+        assert all(line in proc.stderr for line in [*probe, "RuntimeError: probe failed"])
+
+
 def test_shipped_adapters_name_their_base_portably():
     from conftest import PROJECT_ROOT
 
