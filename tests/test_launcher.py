@@ -132,3 +132,17 @@ def test_slurm_job_starts_one_launcher_per_node_with_rank_and_main_address(tmp_p
         accelerate = yaml.safe_load(files[str(tmp_path / "run" / "launch" / f"accelerate-node{rank}.yaml")])
         assert (accelerate["machine_rank"], accelerate["main_process_ip"]) == (rank, "gpu-node-7")
     assert not (tmp_path / "run").exists(), "a dry run writes nothing"
+
+
+def test_print_config_shows_a_shipped_template_and_a_wrong_name_is_one_line(capsys):
+    assert launcher.main(["--print-config"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert {"accelerate/zero3", "deepspeed/zero3", "slurm/multinode", "skypilot/train"} <= set(listed)
+    assert launcher.main(["--print-config", "zero3"]) == 0  # accelerate/zero3, named short
+    accelerate = yaml.safe_load(capsys.readouterr().out)
+    assert accelerate["deepspeed_config"]["deepspeed_config_file"] == "launch/deepspeed/zero3.json"
+    assert launcher.main(["--print-config=deepspeed/zero3"]) == 0
+    assert json.loads(capsys.readouterr().out)["zero_optimization"]["stage"] == 3
+    assert launcher.main(["--print-config", "zero9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'zero9' is not a launch template; allowed: accelerate/ddp" in err[0]
