@@ -68,7 +68,8 @@ def installed(tmp_path_factory) -> dict[str, Path]:
 
 def run(installed: dict[str, Path], *cmd: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """A command of the installed venv, from a directory outside the checkout, with nothing of the checkout on PATH."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    # PYTHONDONTWRITEBYTECODE would make every command of the fresh venv compile torch and transformers again (~10 s)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE")}
     env["PATH"] = f"{installed['bin']}:/usr/bin:/bin"
     env["DPEFT_HOME"] = str(TEST_HOME)  # the session's embedded bases: the recipe below must name the same base
     return subprocess.run(
