@@ -8,7 +8,14 @@ import json
 import pytest
 from conftest import compose_config, shared_dataset
 
-from distributed_peft.data import IGNORE_INDEX, collate_padded, format_example, prepare_task_data, tokenize_example
+from distributed_peft.data import (
+    IGNORE_INDEX,
+    collate_padded,
+    format_example,
+    prepare_task_data,
+    split_records,
+    tokenize_example,
+)
 from distributed_peft.errors import DataError
 from distributed_peft.model import load_tokenizer
 
@@ -54,18 +61,27 @@ def test_instruct_uses_the_no_input_template_when_input_is_empty():
     assert "<Input>: 1, 2" in with_input and "<Input>" not in without
 
 
-def test_truncation_is_counted_and_drop_removes_long_examples(tokenizers):
+@pytest.mark.parametrize("max_seq_len", [96, 80])
+def test_truncation_is_counted_and_drop_removes_long_examples(tokenizers, max_seq_len):
     tokenizer = tokenizers["tiny-llama"]
-    truncated = prepare_task_data(compose_config(["task=sql", "training.max_seq_len=96"]), tokenizer)
-    assert truncated.stats.truncated > 0 and truncated.stats.dropped_too_long >= 0
-    assert max(len(e["input_ids"]) for e in truncated.train) == 96
+    cfg = compose_config(["task=sql", f"training.max_seq_len={max_seq_len}"])
+    eval_records, train_records, _ = split_records(cfg.task, cfg.training)
+    records = [*eval_records, *train_records]
+    untruncated = [tokenize_example(*format_example(r, cfg.task), tokenizer, 10**6) for r in records]
+    full = [(e["labels"].count(IGNORE_INDEX), len(e["input_ids"])) for e in untruncated]  # (prompt, whole) tokens
+    too_long = sum(whole > max_seq_len for _, whole in full)
+    prompt_fills = sum(prompt >= max_seq_len for prompt, _ in full)  # nothing left to learn once cut
+    assert too_long > 0 and (prompt_fills > 0) == (max_seq_len == 80), (too_long, prompt_fills)
+    truncated = prepare_task_data(cfg, tokenizer)
+    assert (truncated.stats.truncated, truncated.stats.dropped_too_long) == (too_long, prompt_fills)
+    assert max(len(e["input_ids"]) for e in truncated.train) == max_seq_len
     dropped = prepare_task_data(
-        compose_config(["task=sql", "training.max_seq_len=96", "training.truncation=drop"]), tokenizer
+        compose_config(["task=sql", f"training.max_seq_len={max_seq_len}", "training.truncation=drop"]), tokenizer
     )
     assert dropped.stats.truncated == 0
-    assert dropped.stats.dropped_too_long > 0
+    assert dropped.stats.dropped_too_long == too_long
     assert len(dropped.train) + len(dropped.eval) + dropped.stats.dropped_too_long == dropped.stats.loaded
-    assert max(len(e["input_ids"]) for e in dropped.train) <= 96
+    assert max(len(e["input_ids"]) for e in dropped.train) <= max_seq_len
 
 
 def test_empty_after_filtering_is_a_data_error(tokenizers):
