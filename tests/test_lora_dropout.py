@@ -57,8 +57,11 @@ def test_seeded_and_identity_when_not_training():
     x = torch.randn(32, 16)
     torch.manual_seed(3)
     first = SparseDropout(0.2).train()(x)
+    assert (first == 0).any() and not torch.equal(first, x)  # equality below would hold for an identity too
     torch.manual_seed(3)
     assert torch.equal(first, SparseDropout(0.2).train()(x))
+    torch.manual_seed(4)
+    assert not torch.equal((first == 0), SparseDropout(0.2).train()(x) == 0), "the mask ignores the seed"
     assert SparseDropout(0.2).eval()(x) is x
     assert SparseDropout(0.0).train()(x) is x
 
