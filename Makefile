@@ -11,7 +11,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_MODE ?= offline
 DEMO_DIR ?= runs/demo-detox
 
-.PHONY: install browser demo test lint format bench bench-scaling prebuilt reproduce clean
+.PHONY: install browser demo test test-fast lint format bench bench-scaling prebuilt reproduce clean
 
 # pyproject.toml declares ranges (users install into their own CUDA environments); constraints.txt is the exact
 # tested set, so a fresh machine and CI install what the suite was run with.
@@ -58,6 +58,11 @@ browser:
 # pytest exits 5 when it collected no test: make fails on any non-zero exit, so an empty suite fails CI.
 test: $(STAMP) lint browser
 	$(VENV)/bin/python -m pytest
+
+# The inner loop while coding: every test that starts no extra process and trains no more than a few steps
+# (about 3 minutes on 2 cores once the embedded bases are cached; the first run builds them).
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not slow"
 
 # Our packing vs TRL SFTTrainer (padded and padding-free): tokens/s, padding waste, memory, eval loss, into runs/bench.
 # Its keys (dpeft-bench --help) as BENCH: make bench BENCH="tasks=[detox] repeats=1 output_dir=runs/bench-detox"

@@ -48,6 +48,7 @@ def generate(adapters: list[Path], prompt: str, **inputs: str) -> dict[str, dict
     return generate_with_adapters(check_overrides(overrides, "generate", validate_generate))
 
 
+@pytest.mark.slow
 def test_switching_adapters_gives_what_each_adapter_alone_gives(trained):
     schema = "CREATE TABLE employees (id INTEGER, name TEXT, salary REAL)"
     both = generate([trained["sql"], trained["detox"]], "How many employees are there?", context=schema)
@@ -69,6 +70,7 @@ def copy_adapter(source: Path, target: Path, edit) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_an_adapter_trained_on_another_base_is_refused(trained, tmp_path):
     def another_recipe(metadata):  # another seed: another embedded base, whatever machine builds it
         metadata["config"]["model"]["base"]["seed"] += 1
@@ -92,6 +94,7 @@ def test_an_adapter_trained_on_another_base_is_refused(trained, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_an_embedded_base_rebuilt_on_another_machine_is_accepted_by_recipe(trained, tmp_path, capsys):
     def other_machine(metadata):  # same recipe, other last bits of the weights
         metadata["base"]["fingerprint"] = "0" * 64
@@ -109,6 +112,7 @@ def test_an_embedded_base_rebuilt_on_another_machine_is_accepted_by_recipe(train
     assert notes[0].endswith("loading it") and "same recipe " in notes[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["detox", "detox-lora"])
 def test_merged_model_computes_what_base_plus_adapter_computes(which, trained, tmp_path):
     from transformers import AutoModelForCausalLM

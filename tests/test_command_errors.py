@@ -228,7 +228,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> N
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("when", ["before_training", "while_training"])
+@pytest.mark.parametrize("when", ["before_training", pytest.param("while_training", marks=pytest.mark.slow)])
 def test_reproduce_under_sigterm_exits_75_with_one_line(when, tmp_path, bases):
     out = tmp_path / "out"
     stdout = (tmp_path / "stdout.txt").open("w+")

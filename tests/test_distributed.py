@@ -243,6 +243,7 @@ def test_zero3_offload_launch_config_is_valid_for_deepspeed(tmp_path, monkeypatc
     assert plugin.deepspeed_config["gradient_clipping"] == cfg.training.max_grad_norm
 
 
+@pytest.mark.slow
 def test_launching_zero3_without_deepspeed_is_refused_in_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "distributed_peft.train", *RUN, "distributed=zero3", f"output_dir={tmp_path}"],

@@ -13,6 +13,7 @@ from distributed_peft.model import load_tokenizer
 QUICK = ["model.base.pretrain_steps=3", "model.base.pretrain_batch_size=4"]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_base_and_another_seed_does_not(tmp_path, monkeypatch):
     fingerprints = []
     for home, seed in [("a", 0), ("b", 0), ("c", 1)]:

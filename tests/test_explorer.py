@@ -47,6 +47,7 @@ def hydra_quote(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+@pytest.mark.slow
 def test_bad_explore_config_is_one_line_and_exit_2_before_loading(tmp_path):
     from distributed_peft.cli import check_overrides
     from distributed_peft.config import validate_explore

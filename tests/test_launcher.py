@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import PROJECT_ROOT
 
@@ -99,6 +100,7 @@ def test_more_workers_than_gpus_is_refused(monkeypatch, capsys, tmp_path):
     assert "dpeft-launch: error: num_gpu_workers=4 is invalid; this node has 2 GPU(s)" in printed
 
 
+@pytest.mark.slow
 def test_slurm_job_starts_one_launcher_per_node_with_rank_and_main_address(tmp_path):
     stubs = tmp_path / "bin"
     stubs.mkdir()

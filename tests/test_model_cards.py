@@ -88,6 +88,7 @@ def run(tmp_path_factory, bases) -> dict:
     return {"dir": root / "run", "adapter": root / "run" / "adapter", "merged": root / "merged", "printed": printed}
 
 
+@pytest.mark.slow
 def test_adapter_card_is_a_hub_card_naming_its_base_portably(run):
     card = ModelCard.load(run["adapter"] / "README.md")
     assert card.data.base_model == "tiny-llama", "the embedded base's portable name, not its cache path"
@@ -103,6 +104,7 @@ def test_adapter_card_is_a_hub_card_naming_its_base_portably(run):
     assert f"fingerprint `{fingerprint}`" in card.text and "- PEFT " in card.text
 
 
+@pytest.mark.slow
 def test_model_index_reads_back_the_evaluated_metrics(run):
     results = json.loads((run["dir"] / "eval.json").read_text())
     assert {"loss", "token_accuracy", "bleu", "chrf", "toxic_share"} <= set(adapter_metrics(results))
@@ -111,6 +113,7 @@ def test_model_index_reads_back_the_evaluated_metrics(run):
     assert {(e.task_type, e.dataset_type) for e in evals} == {("text-generation", "detox")}
 
 
+@pytest.mark.slow
 def test_card_holds_the_command_and_the_redacted_composed_config(run):
     text = (run["adapter"] / "README.md").read_text()
     assert "dpeft-train task=detox model=tiny-llama peft=qlora" in text
@@ -155,6 +158,7 @@ def test_datasets_and_license_follow_where_the_data_and_base_came_from(tmp_path)
     assert card.data.license == "other" and card.data.license_link == "https://huggingface.co/meta-llama/Llama-2-7b-hf"
 
 
+@pytest.mark.slow
 def test_merged_folder_loads_with_plain_transformers_and_computes_base_plus_adapter(run, tmp_path):
     from distributed_peft.adapters import load_base_with_adapters
     from distributed_peft.evaluate import evaluation_mode
@@ -188,6 +192,7 @@ def test_merged_folder_loads_with_plain_transformers_and_computes_base_plus_adap
     assert (plain["logits"] - expected).abs().max() <= LOGITS_ATOL
 
 
+@pytest.mark.slow
 def test_merged_card_states_the_precision_and_its_lineage(run):
     card = ModelCard.load(run["merged"] / "README.md")
     assert card.data.base_model == "tiny-llama" and card.data.base_model_relation == "finetune"

@@ -382,6 +382,7 @@ def test_a_crash_in_the_final_evaluation_never_loses_the_adapter(tmp_path, monke
     assert max(float(t.abs().max()) for k, t in lora(out).items() if "lora_B" in k) > 0
 
 
+@pytest.mark.slow
 def test_multirun_jobs_get_their_own_directories(tmp_path, monkeypatch, bases):
     from hydra.core.global_hydra import GlobalHydra
 
