@@ -80,12 +80,16 @@ def split_config_flags(argv: list[str]) -> tuple[list[str], list[str], str | Non
     return rest, config_dirs, config_name
 
 
-def user_config_dirs(config_dirs: list[str], plain: list) -> list[Path]:
+def _searchpath_entries(parsed: list) -> list[str]:
+    """The entries of the command line's `hydra.searchpath=[...]` (the last one wins, as in Hydra)."""
+    searchpath = [o for o in parsed if o.key_or_group == "hydra.searchpath"]
+    return [str(e) for e in (searchpath[-1].value() if searchpath else [])]
+
+
+def user_config_dirs(config_dirs: list[str], parsed: list) -> list[Path]:
     """A user's config directories, from --config-dir and `hydra.searchpath=[file://...]`, each checked to exist."""
-    searchpath = [o for o in plain if o.key_or_group == "hydra.searchpath"]
-    entries = [str(e) for e in (searchpath[-1].value() if searchpath else [])]
     directories, problems = [], []
-    for entry in [*config_dirs, *entries]:
+    for entry in [*config_dirs, *_searchpath_entries(parsed)]:
         if entry.startswith("pkg://"):
             continue  # a Python package's configs: Hydra resolves it; its options are not listed here
         path = Path(entry.removeprefix("file://")).expanduser().resolve()
@@ -98,12 +102,10 @@ def user_config_dirs(config_dirs: list[str], plain: list) -> list[Path]:
     return directories
 
 
-def _searchpath_override(directories: list[Path], plain: list) -> list[str]:
+def _searchpath_override(directories: list[Path], parsed: list) -> list[str]:
     """`hydra.searchpath=[...]` for compose(): the user's directories after ours, as `hydra.main` orders them."""
     entries = [f"file://{d}" for d in directories]
-    entries += [
-        str(e) for o in plain if o.key_or_group == "hydra.searchpath" for e in o.value() if e.startswith("pkg://")
-    ]
+    entries += [e for e in _searchpath_entries(parsed) if e.startswith("pkg://")]
     entries += [CONF_SEARCH_PATH] if entries else []  # ours too: the primary config may be in a user's directory
     quoted = ",".join("'" + e.replace("\\", "\\\\").replace("'", "\\'") + "'" for e in entries)
     return [f"hydra.searchpath=[{quoted}]"] if entries else []
