@@ -72,14 +72,14 @@ bench: $(STAMP)
 
 # 1 vs 2 workers, tokens/s per worker and scaling efficiency (CPU processes here, GPUs where present)
 bench-scaling: $(STAMP)
-	$(PY) scripts/bench_scaling.py
+	$(PY) benchmarks/scaling.py
 
 # Retrain the adapters shipped in adapters_prebuilt/ (tiny-llama base, training=prebuilt) and export them
 prebuilt: $(STAMP)
 	for task in detox instruct sql; do \
 		$(VENV)/bin/dpeft-train task=$$task model=tiny-llama peft=qlora training=prebuilt \
 			logging.progress_bar=false output_dir=runs/prebuilt-$$task && \
-		$(PY) -c "from distributed_peft.reproduce import export_prebuilt, PREBUILT_DIR; from pathlib import Path; \
+		$(PY) -c "from distributed_peft.training.reproduce import export_prebuilt, PREBUILT_DIR; from pathlib import Path; \
 			export_prebuilt(Path('runs/prebuilt-$$task'), PREBUILT_DIR / '$$task')" || exit 1; \
 	done
 

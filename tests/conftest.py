@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import io
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,14 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
 # Bases built by the suite are cached here between local runs (CI starts from a clean clone).
+# pyproject.toml's [project.scripts] (read as text: tomllib is Python 3.11+, the package supports 3.10)
+SCRIPTS = dict(
+    re.findall(
+        r'^([\w-]+) = "([\w.:]+)"$',
+        (PROJECT_ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0],
+        re.M,
+    )
+)
 TEST_HOME = Path(os.environ.get("DPEFT_TEST_HOME", PROJECT_ROOT / ".cache" / "test-home"))
 
 os.environ["DPEFT_HOME"] = str(TEST_HOME)
@@ -22,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def compose_config(overrides: list[str]):
     """The config an entry point would run with these overrides, checked the way the CLI checks it."""
-    from distributed_peft.cli import check_overrides
+    from distributed_peft.cli.app import check_overrides
 
     return check_overrides(overrides)
 
@@ -39,17 +48,8 @@ def run_entry(monkeypatch, prog: str, argv: list[str]) -> tuple[int, list[str]]:
     """Run a console entry point in this process; return its exit code and its stderr lines."""
     from hydra.core.global_hydra import GlobalHydra
 
-    module = {
-        "dpeft-train": "train",
-        "dpeft-eval": "evaluate",
-        "dpeft-generate": "generation",
-        "dpeft-merge": "adapters",
-        "dpeft-reproduce": "reproduce",
-        "dpeft-explore": "explorer",
-        "dpeft-build-base": "embedded_base",
-        "dpeft-bench": "benchmark",
-    }[prog]
-    main = importlib.import_module(f"distributed_peft.{module}").main
+    module, function = SCRIPTS[prog].split(":")  # pyproject's [project.scripts]
+    main = getattr(importlib.import_module(module), function)
     GlobalHydra.instance().clear()
     stderr = io.StringIO()
     monkeypatch.setattr(sys, "argv", [prog, *argv])
@@ -64,7 +64,7 @@ def run_entry(monkeypatch, prog: str, argv: list[str]) -> tuple[int, list[str]]:
 @pytest.fixture(scope="session")
 def bases() -> dict[str, Path]:
     """Both embedded bases, built once (about a minute each on 2 cores) and cached in TEST_HOME."""
-    from distributed_peft.embedded_base import build_base
+    from distributed_peft.modeling.embedded_base import build_base
 
     return {name: build_base(compose_config([f"model={name}"]).model) for name in ("tiny-llama", "tiny-bloom")}
 

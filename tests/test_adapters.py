@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import PROJECT_ROOT, compose_config
 
-from distributed_peft.adapters import load_base_with_adapters, merge_adapter
+from distributed_peft.adapters.storage import load_base_with_adapters, merge_adapter
 from distributed_peft.errors import AdapterError
-from distributed_peft.generation import generate_with_adapters
-from distributed_peft.reproduce import PREBUILT_DIR
-from distributed_peft.train import run_training
+from distributed_peft.evaluation.generation import generate_with_adapters
+from distributed_peft.training.recipe import run_training
+from distributed_peft.training.reproduce import PREBUILT_DIR
 
 QUICK = [
     "training=demo",
@@ -42,7 +42,7 @@ def trained(tmp_path_factory, bases) -> dict[str, Path]:
 def generate(adapters: list[Path], prompt: str, **inputs: str) -> dict[str, dict[str, str]]:
     overrides = [f"adapters=[{','.join(map(str, adapters))}]", f"prompt='{prompt}'"]
     overrides += [f"+inputs.{k}='{v}'" for k, v in inputs.items()]
-    from distributed_peft.cli import check_overrides
+    from distributed_peft.cli.app import check_overrides
     from distributed_peft.config import validate_generate
 
     return generate_with_adapters(check_overrides(overrides, "generate", validate_generate))
@@ -127,7 +127,7 @@ def test_merged_model_computes_what_base_plus_adapter_computes(which, trained, t
         return_tensors="pt",
         padding=True,
     )
-    from distributed_peft.evaluate import evaluation_mode
+    from distributed_peft.evaluation.evaluator import evaluation_mode
 
     with evaluation_mode(peft_model):
         expected = peft_model(**ids).logits

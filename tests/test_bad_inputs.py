@@ -9,7 +9,7 @@ import shutil
 import pytest
 from conftest import PROJECT_ROOT, run_entry
 
-from distributed_peft.checkpoint import MARKER, TRAINER_STATE, _manifest
+from distributed_peft.training.checkpoints import MARKER, TRAINER_STATE, _manifest
 
 GOOD = {"prompt": "Translate: hello", "completion": "bonjour"}
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import PROJECT_ROOT
 
-from distributed_peft.benchmark import summarize
+from benchmarks.harness import summarize
 
 
 @pytest.mark.slow
@@ -17,7 +17,7 @@ def test_bench_runs_every_kind_of_variant_and_writes_its_files(tmp_path, bases):
     cmd = [
         sys.executable,
         "-m",
-        "distributed_peft.benchmark",
+        "benchmarks.harness",
         "tasks=[detox]",
         "repeats=1",
         "examples=48",

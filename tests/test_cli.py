@@ -44,7 +44,7 @@ def test_console_script_trains_and_dpeft_eval_reproduces_it(tmp_path, bases):
 @pytest.mark.slow
 def test_python_dash_m_and_accelerate_launch_run_the_same_module(tmp_path, bases):
     accelerate = shutil.which("accelerate", path=str(BIN))
-    module = [sys.executable, "-m", "distributed_peft.train"]
+    module = [sys.executable, "-m", "distributed_peft.cli.train"]
     launched = [
         accelerate,
         "launch",
@@ -58,7 +58,7 @@ def test_python_dash_m_and_accelerate_launch_run_the_same_module(tmp_path, bases
         "--dynamo_backend",
         "no",
         "-m",
-        "distributed_peft.train",
+        "distributed_peft.training.recipe",
     ]
     losses = []
     for name, prefix in [("module", module), ("launched", launched)]:

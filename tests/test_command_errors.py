@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT_ROOT, compose_config, run_entry
 
-from distributed_peft.output_dirs import OWNER_MARKER
-from distributed_peft.reproduce import PREBUILT_DIR
+from distributed_peft.runtime.output_dirs import OWNER_MARKER
+from distributed_peft.training.reproduce import PREBUILT_DIR
 
 BIN = Path(sys.executable).parent
 WEIGHTS = "adapter_model.safetensors"
@@ -39,8 +39,8 @@ def tree(root: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Fail the test if a command gets as far as loading a model or training."""
-    import distributed_peft.model as model
-    import distributed_peft.train as train
+    import distributed_peft.modeling.loading as model
+    import distributed_peft.training.recipe as train
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded (or training started) before the mistake was reported")
@@ -80,7 +80,7 @@ def broken_adapter(tmp_path: Path, name: str) -> Path:
 
 @pytest.mark.parametrize("name", list(BROKEN_ADAPTERS))
 def test_each_missing_truncated_or_malformed_file_is_named_in_one_line(name, tmp_path):
-    from distributed_peft.adapters import read_adapter_metadata
+    from distributed_peft.adapters.storage import read_adapter_metadata
     from distributed_peft.errors import AdapterError
 
     adapter = broken_adapter(tmp_path, name)
@@ -112,9 +112,9 @@ def test_a_broken_adapter_is_one_line_in_every_command_before_a_model_loads(tmp_
 
 
 def test_the_explorer_lists_a_broken_adapter_as_unavailable_and_keeps_the_others(tmp_path, bases):
-    from distributed_peft.cli import check_overrides
+    from distributed_peft.cli.app import check_overrides
     from distributed_peft.config import validate_explore
-    from distributed_peft.explorer import describe_adapters
+    from distributed_peft.serving.explorer import describe_adapters
 
     broken = broken_adapter(tmp_path, "weights_truncated")
     good = PREBUILT_DIR / "sql"
@@ -163,7 +163,7 @@ def test_merge_refuses_a_checkout_a_home_or_a_run_directory_touching_nothing(tmp
 def test_merge_writes_a_marked_model_atomically_and_a_failed_merge_removes_only_what_it_made(
     tmp_path, monkeypatch, bases
 ):
-    import distributed_peft.adapters as adapters
+    import distributed_peft.adapters.storage as adapters
 
     detox = PREBUILT_DIR / "detox"
     merged = adapters.merge_adapter(detox, tmp_path / "models" / "detox")
@@ -260,7 +260,7 @@ def test_reproduce_under_sigterm_exits_75_with_one_line(when, tmp_path, bases):
 
 
 def test_a_rerun_resumes_an_interrupted_reproduction_and_retrains_a_finished_one(tmp_path):
-    from distributed_peft.reproduce import finished_earlier
+    from distributed_peft.training.reproduce import finished_earlier
 
     run = tmp_path / "detox"
     (run / "checkpoints" / "step-000002").mkdir(parents=True)
@@ -288,8 +288,8 @@ def unreachable_hub(tmp_path, monkeypatch):
 
 
 def test_an_unreachable_hub_is_one_line_within_15_s(unreachable_hub, tmp_path, monkeypatch):
-    from distributed_peft import hub
     from distributed_peft.errors import DataError
+    from distributed_peft.runtime import hub
 
     # neither the probe's timeout nor its deadline bounds this run: a refused port must be answered at once
     monkeypatch.setattr(hub, "PROBE_TIMEOUT_S", 60.0)
@@ -335,8 +335,8 @@ def test_an_unreachable_hub_is_one_line_within_15_s(unreachable_hub, tmp_path, m
 def test_offline_mode_needs_a_cached_copy_and_a_cached_model_loads_when_the_hub_is_down(
     unreachable_hub, monkeypatch, capsys
 ):
-    from distributed_peft import hub
     from distributed_peft.errors import ConfigError, DataError
+    from distributed_peft.runtime import hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match=r"is not in the local Hub cache and HF_HUB_OFFLINE=1; run `hf download"):
@@ -363,7 +363,7 @@ def test_offline_mode_needs_a_cached_copy_and_a_cached_model_loads_when_the_hub_
 
 @pytest.mark.parametrize("problem", ["under_a_file", "read_only", "full"])
 def test_an_unwritable_or_full_cache_is_refused_before_pretraining(problem, tmp_path, monkeypatch):
-    import distributed_peft.embedded_base as embedded_base
+    import distributed_peft.modeling.embedded_base as embedded_base
 
     def too_late(*args, **kwargs):
         raise AssertionError("the base started building before the cache was checked")

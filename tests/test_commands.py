@@ -11,19 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PROJECT_ROOT
+from conftest import SCRIPTS
 
 from distributed_peft.config import group_options
 
 BIN = Path(sys.executable).parent
-# pyproject.toml's [project.scripts] (read as text: tomllib is Python 3.11+, the package supports 3.10)
-SCRIPTS = dict(
-    re.findall(
-        r'^([\w-]+) = "([\w.:]+)"$',
-        (PROJECT_ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0],
-        re.M,
-    )
-)
 
 
 def call(monkeypatch, capsys, name: str, argv: list[str]) -> tuple[int, str, str]:

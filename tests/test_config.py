@@ -141,7 +141,7 @@ def test_all_problems_are_reported_together():
 def test_cli_exits_2_with_one_line_per_problem_and_no_traceback(args, expected, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "distributed_peft.train", *args, f"output_dir={out}"],
+        [sys.executable, "-m", "distributed_peft.cli.train", *args, f"output_dir={out}"],
         capture_output=True,
         text=True,
         cwd=PROJECT_ROOT,
@@ -156,7 +156,7 @@ def test_cli_exits_2_with_one_line_per_problem_and_no_traceback(args, expected, 
 
 
 def test_generate_and_merge_apps_compose_and_check_their_inputs(tmp_path):
-    from distributed_peft.cli import check_overrides
+    from distributed_peft.cli.app import check_overrides
     from distributed_peft.config import validate_generate, validate_merge
 
     cfg = check_overrides(
@@ -220,7 +220,7 @@ def test_a_users_task_from_their_config_dir_trains_from_their_file(tmp_path, mon
     """The real entry point (Hydra parses --config-dir itself), run in this process."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from distributed_peft.train import main
+    from distributed_peft.cli.train import main
 
     conf = readme_user_config(tmp_path)
     monkeypatch.chdir(tmp_path)

@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import compose_config, shared_dataset
 
-from distributed_peft.data import (
+from distributed_peft.data.task_data import (
     IGNORE_INDEX,
     collate_padded,
     format_example,
@@ -17,7 +17,7 @@ from distributed_peft.data import (
     tokenize_example,
 )
 from distributed_peft.errors import DataError
-from distributed_peft.model import load_tokenizer
+from distributed_peft.modeling.loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import torch
 from conftest import PROJECT_ROOT, compose_config
 from safetensors.torch import load_file
 
-from distributed_peft.launcher import launch_command
-from distributed_peft.train import run_training
+from distributed_peft.cli.launch import launch_command
+from distributed_peft.training.recipe import run_training
 
 BIN = Path(sys.executable).parent
 # dropout 0 so every rank computes what one process would; 8 steps of global batch 16.
@@ -129,7 +129,7 @@ def test_two_workers_match_one_process(strategy, port, single_process_reference,
 @pytest.mark.slow
 def test_every_rank_of_a_launch_stops_when_another_run_holds_the_directory(tmp_path):
     """Rank 0 takes the lock for the whole launch; when it cannot, every rank stops, with one line between them."""
-    from distributed_peft.output_dirs import DirectoryLock
+    from distributed_peft.runtime.output_dirs import DirectoryLock
 
     out = tmp_path / "busy"
     out.mkdir()
@@ -185,7 +185,7 @@ def test_a_dead_rank_ends_the_job_within_60_seconds(tmp_path):
     workers = [
         p
         for p in psutil.Process(job.pid).children(recursive=True)
-        if "distributed_peft.train" in " ".join(p.cmdline()) and "accelerate" not in p.cmdline()[1]
+        if "distributed_peft.training.recipe" in " ".join(p.cmdline()) and "accelerate" not in p.cmdline()[1]
     ]
     assert len(workers) == 2, [p.cmdline() for p in workers]
     killed_at = time.monotonic()
@@ -204,7 +204,7 @@ def _accelerate_view(config_file: Path):
     """Parse a launch config with accelerate's own launcher code, as `accelerate launch` would."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
-    args = launch_command_parser().parse_args(["--config_file", str(config_file), "-m", "distributed_peft.train"])
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "-m", "distributed_peft.cli.train"])
     args, defaults, _ = _validate_launch_command(args)
     return args, defaults
 
@@ -246,7 +246,7 @@ def test_zero3_offload_launch_config_is_valid_for_deepspeed(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_launching_zero3_without_deepspeed_is_refused_in_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "distributed_peft.train", *RUN, "distributed=zero3", f"output_dir={tmp_path}"],
+        [sys.executable, "-m", "distributed_peft.cli.train", *RUN, "distributed=zero3", f"output_dir={tmp_path}"],
         capture_output=True,
         text=True,
         cwd=PROJECT_ROOT,
@@ -256,7 +256,7 @@ def test_launching_zero3_without_deepspeed_is_refused_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "dpeft-train: error: distributed='zero3' but this process was launched as 'single'; launch it with "
         "`dpeft-launch distributed=zero3 ...` or `accelerate launch --config_file launch/accelerate/zero3.yaml "
-        "-m distributed_peft.train distributed=zero3 ...`"
+        "-m distributed_peft.cli.train distributed=zero3 ...`"
     ]
 
 

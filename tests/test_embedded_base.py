@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import compose_config
 
-from distributed_peft.embedded_base import base_dir, build_base, weights_fingerprint
-from distributed_peft.model import load_tokenizer
+from distributed_peft.modeling.embedded_base import base_dir, build_base, weights_fingerprint
+from distributed_peft.modeling.loading import load_tokenizer
 
 QUICK = ["model.base.pretrain_steps=3", "model.base.pretrain_batch_size=4"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT_ROOT, compose_config
 
-from distributed_peft.reproduce import PREBUILT_DIR
+from distributed_peft.training.reproduce import PREBUILT_DIR
 
 BIN = Path(sys.executable).parent
 ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"
@@ -49,7 +49,7 @@ def hydra_quote(text: str) -> str:
 
 @pytest.mark.slow
 def test_bad_explore_config_is_one_line_and_exit_2_before_loading(tmp_path):
-    from distributed_peft.cli import check_overrides
+    from distributed_peft.cli.app import check_overrides
     from distributed_peft.config import validate_explore
     from distributed_peft.errors import ConfigError
 
@@ -77,7 +77,7 @@ def test_bad_explore_config_is_one_line_and_exit_2_before_loading(tmp_path):
 @pytest.fixture(scope="module")
 def explorer_url(tmp_path_factory):
     """dpeft-explore serving the three prebuilt adapters and a broken one, on a free loopback port."""
-    from distributed_peft.embedded_base import build_base
+    from distributed_peft.modeling.embedded_base import build_base
 
     build_base(compose_config(["model=tiny-llama"]).model)  # cached in the suite's DPEFT_HOME
     broken = tmp_path_factory.mktemp("broken") / "detox-truncated"

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import PROJECT_ROOT
 
-import distributed_peft.launcher as launcher
+import distributed_peft.cli.launch as launcher
 
 BIN = Path(sys.executable).parent
 
@@ -51,7 +51,7 @@ def test_dry_run_one_node_four_gpus(monkeypatch, capsys, tmp_path):
         printed.splitlines()[0] == "dpeft-launch: 1 node(s) x 4 worker(s), strategy zero3, this node rank 0 (4 GPU(s))"
     )
     assert printed.splitlines()[-1] == (
-        f"command: {BIN / 'accelerate'} launch --config_file {config} -m distributed_peft.train task=sql "
+        f"command: {BIN / 'accelerate'} launch --config_file {config} -m distributed_peft.cli.train task=sql "
         f"distributed=zero3 num_gpu_workers=4 output_dir={out}"
     )
     files = printed_files(printed)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import compose_config
 
-from distributed_peft import lora_dropout
-from distributed_peft.lora_dropout import SparseDropout, drop_positions
-from distributed_peft.model import attach_lora, load_base_model
+from distributed_peft.modeling import lora_dropout
+from distributed_peft.modeling.loading import attach_lora, load_base_model
+from distributed_peft.modeling.lora_dropout import SparseDropout, drop_positions
 
 
 def test_dropped_positions_are_iid_bernoulli():

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from distributed_peft.metrics import contains_toxic_word, execution_match, normalize_sql, rouge_l, score, score_all
+from distributed_peft.evaluation.metrics import (
+    contains_toxic_word,
+    execution_match,
+    normalize_sql,
+    rouge_l,
+    score,
+    score_all,
+)
 
 SCHEMA = "CREATE TABLE employees (id INTEGER, name TEXT, department TEXT, salary REAL)"
 

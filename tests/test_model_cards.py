@@ -19,9 +19,9 @@ from conftest import TEST_HOME, compose_config
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from distributed_peft.model_cards import render_adapter_card, write_model_card
-from distributed_peft.reports import COUNT_METRICS
-from distributed_peft.reproduce import PREBUILT_DIR
+from distributed_peft.adapters.model_cards import render_adapter_card, write_model_card
+from distributed_peft.evaluation.reports import COUNT_METRICS
+from distributed_peft.training.reproduce import PREBUILT_DIR
 
 PLANTED = {
     "HF_TOKEN": "hf_PlantedTokenForTheCardTest0123456789abcd",
@@ -61,7 +61,7 @@ def dpeft_merge(argv: list[str]) -> str:
     """Run the dpeft-merge entry point in this process; return what it printed."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from distributed_peft.adapters import main
+    from distributed_peft.cli.merge import main
 
     GlobalHydra.instance().clear()
     printed = io.StringIO()
@@ -75,7 +75,7 @@ def dpeft_merge(argv: list[str]) -> str:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, bases) -> dict:
     """One short QLoRA run with planted secrets, and its adapter merged by dpeft-merge."""
-    from distributed_peft.train import run_training
+    from distributed_peft.training.recipe import run_training
 
     root = tmp_path_factory.mktemp("cards")
     with pytest.MonkeyPatch.context() as patch:
@@ -146,7 +146,7 @@ def test_peft_metadata_is_kept_and_its_local_base_path_replaced(tmp_path):
 
 
 def test_datasets_and_license_follow_where_the_data_and_base_came_from(tmp_path):
-    from distributed_peft.model_cards import adapter_card
+    from distributed_peft.adapters.model_cards import adapter_card
 
     recorded = json.loads((PREBUILT_DIR / "detox" / "dpeft_adapter.json").read_text())
     recorded["config"]["task"]["data"]["source"] = "hub"
@@ -160,8 +160,8 @@ def test_datasets_and_license_follow_where_the_data_and_base_came_from(tmp_path)
 
 @pytest.mark.slow
 def test_merged_folder_loads_with_plain_transformers_and_computes_base_plus_adapter(run, tmp_path):
-    from distributed_peft.adapters import load_base_with_adapters
-    from distributed_peft.evaluate import evaluation_mode
+    from distributed_peft.adapters.storage import load_base_with_adapters
+    from distributed_peft.evaluation.evaluator import evaluation_mode
 
     merged = run["merged"]
     names = {p.name for p in merged.iterdir()}

@@ -12,9 +12,9 @@ import sys
 import pytest
 from conftest import PROJECT_ROOT, compose_config, run_entry
 
-from distributed_peft.data import IGNORE_INDEX, format_example, load_records, prepare_task_data
+from distributed_peft.data.prompts import hydra_literal, literal_overrides
+from distributed_peft.data.task_data import IGNORE_INDEX, format_example, load_records, prepare_task_data
 from distributed_peft.errors import DataError
-from distributed_peft.prompts import hydra_literal, literal_overrides
 
 PREBUILT = PROJECT_ROOT / "adapters_prebuilt"
 TOKENS = 2  # generated tokens: the prompts are under test, not the answers
@@ -23,7 +23,7 @@ LONG = "idiot " * 600  # more tokens than tiny-llama's context of 512
 
 @pytest.fixture(scope="module")
 def tokenizer(bases):
-    from distributed_peft.model import load_tokenizer
+    from distributed_peft.modeling.loading import load_tokenizer
 
     return load_tokenizer(str(bases["tiny-llama"]))
 
@@ -192,7 +192,7 @@ def generate_cli(monkeypatch, capsys, argv: list[str]) -> str:
     """What `dpeft-generate ARGV` prints, run in this process through its real entry point."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from distributed_peft.generation import main
+    from distributed_peft.cli.generate import main
 
     GlobalHydra.instance().clear()
     monkeypatch.setattr(sys, "argv", ["dpeft-generate", *argv, f"max_new_tokens={TOKENS}"])
@@ -207,9 +207,9 @@ def generate_cli(monkeypatch, capsys, argv: list[str]) -> str:
 @pytest.fixture(scope="module")
 def explorer(bases):
     """The explorer's model worker over the prebuilt instruct and detox adapters, without a web server."""
-    from distributed_peft.cli import check_overrides
+    from distributed_peft.cli.app import check_overrides
     from distributed_peft.config import validate_explore
-    from distributed_peft.explorer import load_explorer
+    from distributed_peft.serving.explorer import load_explorer
 
     adapters = f"adapters=[{PREBUILT / 'instruct'},{PREBUILT / 'detox'}]"
     explorer = load_explorer(check_overrides([adapters], "explore", validate_explore))
@@ -239,8 +239,8 @@ def test_generate_and_the_explorer_honour_the_instruct_input(monkeypatch, capsys
 
 
 def test_train_eval_generate_and_the_explorer_build_the_same_prompt(explorer, tokenizer):
-    from distributed_peft.data import tokenize_example
-    from distributed_peft.generation import prompt_ids
+    from distributed_peft.data.task_data import tokenize_example
+    from distributed_peft.evaluation.generation import prompt_ids
 
     task = explorer.adapter("instruct").task
     record = {"instruction": "Sum the numbers", "input": "1, 2", "response": "3"}
@@ -255,7 +255,7 @@ def test_train_eval_generate_and_the_explorer_build_the_same_prompt(explorer, to
 
 
 def test_empty_and_over_context_prompts_get_the_same_refusal_from_generate_and_the_explorer(monkeypatch, explorer):
-    from distributed_peft.explorer import RequestError
+    from distributed_peft.serving.explorer import RequestError
 
     cases = [("instruct", "   ", 400), ("detox", LONG, 413)]
     for task, prompt, status in cases:
@@ -300,7 +300,7 @@ def test_user_text_on_the_command_line_reaches_the_config_exactly(text):
 
 
 def compose_config_generate(overrides: list[str]):
-    from distributed_peft.cli import check_overrides
+    from distributed_peft.cli.app import check_overrides
     from distributed_peft.config import validate_generate
 
     return check_overrides(overrides, "generate", validate_generate)

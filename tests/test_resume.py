@@ -16,8 +16,8 @@ import torch
 from conftest import PROJECT_ROOT
 from safetensors.torch import load_file
 
-from distributed_peft.checkpoint import MARKER, TRAINER_STATE, list_checkpoints
 from distributed_peft.errors import PREEMPTED_EXIT_CODE
+from distributed_peft.training.checkpoints import MARKER, TRAINER_STATE, list_checkpoints
 
 BIN = Path(sys.executable).parent
 # 60 examples -> 54 train = 7 micro batches of 8 an epoch: 16 steps cross two epoch boundaries (the data order of

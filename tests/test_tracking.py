@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import compose_config
 
-from distributed_peft.reports import plot_loss_curves
-from distributed_peft.tracking import RunLog, read_metrics
+from distributed_peft.evaluation.reports import plot_loss_curves
+from distributed_peft.runtime.tracking import RunLog, read_metrics
 
 
 def test_jsonl_and_tensorboard_and_offline_wandb_receive_every_logged_step(tmp_path):

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from conftest import compose_config, run_entry
 
-import distributed_peft.benchmark as benchmark
-import distributed_peft.launcher as launcher
+import benchmarks.harness as benchmark
+import distributed_peft.cli.launch as launcher
 from distributed_peft.config import check_lora_rank
 from distributed_peft.errors import ConfigError
-from distributed_peft.output_dirs import OWNER_MARKER
+from distributed_peft.runtime.output_dirs import OWNER_MARKER
 
 
 def snapshot(directory) -> dict[str, bytes | None]:
@@ -59,7 +59,7 @@ def test_unknown_plus_key_is_one_line_with_a_suggestion_and_exit_2(monkeypatch, 
 
 
 def test_unknown_plus_key_in_merge_and_generate_configs(tmp_path):
-    from distributed_peft.cli import check_overrides
+    from distributed_peft.cli.app import check_overrides
     from distributed_peft.config import validate_generate, validate_merge
 
     cfg = check_overrides([f"adapters=[{tmp_path}]", "prompt=hi", "+inputs.context=x"], "generate", validate_generate)
@@ -224,7 +224,7 @@ def test_every_node_of_a_launch_writes_into_the_directory_node_0_claimed(monkeyp
 def test_node_0_refuses_a_directory_another_run_holds_and_other_nodes_join_it(monkeypatch, capsys, tmp_path):
     import os
 
-    from distributed_peft.output_dirs import DirectoryLock
+    from distributed_peft.runtime.output_dirs import DirectoryLock
 
     monkeypatch.setattr(launcher, "cuda_device_count", lambda: 0)
     monkeypatch.setattr(launcher, "run_forwarding_sigterm", lambda *args: 0)

@@ -16,11 +16,11 @@ import torch
 from conftest import compose_config, run_entry
 from safetensors.torch import load_file
 
-from distributed_peft.checkpoint import TRAINER_STATE, checkpoint_problem, list_checkpoints
 from distributed_peft.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE
-from distributed_peft.output_dirs import LOCK_FILE, OWNER_MARKER, DirectoryLock
-from distributed_peft.tracking import read_metrics
-from distributed_peft.train import FinetuneRecipe, run_training
+from distributed_peft.runtime.output_dirs import LOCK_FILE, OWNER_MARKER, DirectoryLock
+from distributed_peft.runtime.tracking import read_metrics
+from distributed_peft.training.checkpoints import TRAINER_STATE, checkpoint_problem, list_checkpoints
+from distributed_peft.training.recipe import FinetuneRecipe, run_training
 
 QUICK = [
     "task=custom",
@@ -123,7 +123,7 @@ def test_micro_2_times_accumulation_4_is_the_update_of_micro_8(packing, tmp_path
 def test_grouped_micro_batches_weigh_tokens_across_the_window(tmp_path, bases):
     """group_by_length batches rows of similar length: 4 such micro batches of 2 make the update of those 8 rows
     padded together (tokens, not micro batches, are averaged)."""
-    from distributed_peft.data import collate_padded
+    from distributed_peft.data.task_data import collate_padded
 
     def one_step(windows_of: int) -> dict[str, torch.Tensor]:
         out = tmp_path / f"g{windows_of}"
@@ -175,9 +175,9 @@ def sigterm_guard():
 @pytest.mark.parametrize(
     "target,phase",
     [
-        ("distributed_peft.data.prepare_task_data", "loading and tokenizing the data"),
-        ("distributed_peft.evaluate.evaluate_base_and_adapter", "evaluating the adapter against the base"),
-        ("distributed_peft.generation.generate_completions", "evaluating the adapter against the base"),
+        ("distributed_peft.data.task_data.prepare_task_data", "loading and tokenizing the data"),
+        ("distributed_peft.evaluation.evaluator.evaluate_base_and_adapter", "evaluating the adapter against the base"),
+        ("distributed_peft.evaluation.generation.generate_completions", "evaluating the adapter against the base"),
     ],
 )
 def test_sigterm_stops_loading_evaluation_and_generation_at_once(
@@ -201,7 +201,7 @@ def test_sigterm_stops_loading_evaluation_and_generation_at_once(
 
 
 def test_sigterm_during_an_evaluation_between_steps_checkpoints_and_stops(monkeypatch, tmp_path, bases, sigterm_guard):
-    from distributed_peft import evaluate
+    from distributed_peft.evaluation import evaluator as evaluate
 
     real = evaluate.completion_token_stats
     monkeypatch.setattr(
@@ -225,7 +225,7 @@ def test_sigterm_during_an_evaluation_between_steps_checkpoints_and_stops(monkey
 
 
 def test_sigterm_while_saving_lets_the_checkpoint_and_the_adapter_finish(monkeypatch, tmp_path, bases, sigterm_guard):
-    from distributed_peft import adapters
+    from distributed_peft.adapters import storage as adapters
 
     real_save_state = None
 
@@ -321,7 +321,7 @@ def test_a_locked_directory_is_refused_naming_the_holder_and_freed_by_kill_9(tmp
         [
             sys.executable,
             "-c",
-            "import sys, time; from distributed_peft.output_dirs import DirectoryLock; "
+            "import sys, time; from distributed_peft.runtime.output_dirs import DirectoryLock; "
             f"DirectoryLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(300)",
         ],  # fmt: skip
         stdout=subprocess.PIPE,
@@ -368,7 +368,7 @@ def test_a_failed_run_removes_only_what_it_created(tmp_path, monkeypatch, bases)
 
 
 def test_a_crash_in_the_final_evaluation_never_loses_the_adapter(tmp_path, monkeypatch, bases):
-    from distributed_peft import evaluate
+    from distributed_peft.evaluation import evaluator as evaluate
 
     def broken(*args, **kwargs):
         raise IndexError("a bug in a report")
@@ -386,7 +386,7 @@ def test_a_crash_in_the_final_evaluation_never_loses_the_adapter(tmp_path, monke
 def test_multirun_jobs_get_their_own_directories(tmp_path, monkeypatch, bases):
     from hydra.core.global_hydra import GlobalHydra
 
-    from distributed_peft import train
+    from distributed_peft.training import recipe as train
 
     monkeypatch.chdir(tmp_path)
     args = [a for a in quick(tmp_path, tmp_path, "training.max_steps=1") if not a.startswith("output_dir=")]
@@ -404,7 +404,7 @@ def test_multirun_jobs_get_their_own_directories(tmp_path, monkeypatch, bases):
 
 def test_a_lora_rank_wider_than_a_local_base_is_refused_before_its_weights_load(tmp_path, monkeypatch, bases):
     """A base from a directory (not embedded): its width comes from its config.json, read before any weight."""
-    from distributed_peft import model
+    from distributed_peft.modeling import loading as model
 
     monkeypatch.setattr(model, "load_base_model", lambda *a, **k: pytest.fail("the weights were loaded"))
     local = ["model=llama-3.2-1b", f"model.name_or_path={bases['tiny-llama']}", "peft.r=512"]
@@ -428,7 +428,7 @@ def test_third_party_notices_are_silenced_unless_debug(monkeypatch, capsys):
     import logging
     import warnings
 
-    from distributed_peft import tracking
+    from distributed_peft.runtime import tracking
 
     monkeypatch.delenv("DPEFT_DEBUG", raising=False)
     for name in tracking.QUIET_LOGGERS:
@@ -452,7 +452,7 @@ def test_third_party_notices_are_silenced_unless_debug(monkeypatch, capsys):
 # reads it, then prints the comm op's notice and a line of its own, as the Accelerator's DeepSpeed setup does.
 FAKE_DEEPSPEED_SETUP = """
 import logging, subprocess, sys, types
-from distributed_peft.tracking import quiet_deepspeed_setup
+from distributed_peft.runtime.tracking import quiet_deepspeed_setup
 
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")  # Hydra's stdout job logging
 ops = types.ModuleType("deepspeed.ops")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from distributed_peft.tracking import read_metrics
+from distributed_peft.runtime.tracking import read_metrics
 
 run_dir, output = Path(sys.argv[1]), Path(sys.argv[2])
 losses = {row["step"]: row["train/loss"] for row in read_metrics(run_dir) if "train/loss" in row}  # a resume repeats

@@ -1,0 +1,215 @@
+"""dpeft-bench (make bench): our packing against the common recipe, TRL's SFTTrainer, on the same QLoRA job.
+
+    dpeft-bench                                   # detox and instruct, 3 interleaved repeats, tiny-llama QLoRA
+    dpeft-bench tasks=[detox] repeats=2 examples=200 output_dir=runs/bench-detox
+
+Variants, on the same data, model, LoRA, optimizer, schedule and examples (one epoch, so the same completion tokens):
+  trl_padded (the baseline: SFTTrainer with padded batches, as the seed notebooks use it), ours_padded,
+  ours_group_by_length, ours_padding_free, trl_padding_free (TRL's own packing, the strongest peer recipe).
+Each run is its own subprocess (peak RSS is per run; `python benchmarks/harness.py --child ...`, internal);
+variants are interleaved and repeated, and the table gives the median and range of non-pad tokens/s, the ratio to
+the baseline, padding waste, peak memory and the final eval loss (our completion-only evaluation on the same
+validation split for every variant). Writes bench.json, bench.md into output_dir, which must be absent, empty or made
+by distributed-peft (checked before the first run). Keys: conf/bench.yaml (BenchConfig in distributed_peft/config).
+The command is distributed_peft/cli/bench.py;
+this harness is a tool for us and is not in the wheel.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from distributed_peft.config import BENCH_VARIANTS as VARIANTS
+from distributed_peft.config import PROJECT_ROOT, missing_extra
+from distributed_peft.errors import ConfigError
+from distributed_peft.runtime.atomic_files import atomic_write_text
+from distributed_peft.runtime.output_dirs import claim_output_dir
+
+BASELINE = "trl_padded"
+SHARED = PROJECT_ROOT.parent / "shared" / "datasets"
+REAL_DATA = {
+    "detox": [f"task.data.path={SHARED / 'paradetox' / 'paradetox.tsv'}", "task.data.columns.toxic=toxic",
+              "task.data.columns.neutral=neutral1"],
+    "instruct": [f"task.data.path={SHARED / 'gpteacher-codegen' / 'codegen-instruct.jsonl'}"],
+}  # fmt: skip
+
+
+def bench_overrides(task: str, examples: int, packing: str) -> list[str]:
+    data = REAL_DATA[task] if task in REAL_DATA and SHARED.is_dir() else []
+    return [f"task={task}", "model=tiny-llama", "peft=qlora", *data, f"task.data.max_examples={examples}",
+            "training.lr=1e-3", "training.lr_scheduler=cosine", "training.warmup_ratio=0.03", "training.epochs=1",
+            "training.micro_batch_size=8", "training.max_seq_len=256", "training.eval_steps=0",
+            "training.max_eval_examples=64", f"training.packing={packing}", "evaluation.generate=false",
+            "logging.progress_bar=false"]  # fmt: skip
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(cfg, out: Path) -> dict[str, Any]:
+    from distributed_peft.evaluation.evaluator import evaluate_loss
+    from distributed_peft.runtime.tracking import read_metrics
+    from distributed_peft.training.recipe import FinetuneRecipe
+
+    recipe = FinetuneRecipe(cfg)
+    recipe.setup()
+    recipe.train()
+    rows = [r for r in read_metrics(out) if "train/input_tokens" in r]
+    result = {"seconds": recipe.train_seconds, "nonpad_tokens": sum(r["train/input_tokens"] for r in rows),
+              "padding_waste": statistics.fmean(r["train/padding_waste"] for r in rows),
+              "eval_loss": evaluate_loss(recipe.model, recipe.eval_loader, recipe.accelerator)["loss"]}  # fmt: skip
+    recipe.cleanup()
+    return result
+
+
+def run_trl(cfg, out: Path, padding_free: bool) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from distributed_peft.config import lora_targets
+    from distributed_peft.data.task_data import collate_padded, format_example, prepare_task_data
+    from distributed_peft.evaluation.evaluator import evaluate_loss
+    from distributed_peft.modeling.loading import load_base_model, load_tokenizer, resolve_base
+
+    path, _ = resolve_base(cfg.model)
+    tokenizer = load_tokenizer(path)
+    data = prepare_task_data(cfg, tokenizer, keep_train_text=True)
+    pairs = [format_example(e["record"], cfg.task) for e in data.train]
+    dataset = Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
+    training = cfg.training
+    warmup_steps = int(training.warmup_ratio * -(-len(pairs) // training.micro_batch_size))  # as our recipe counts
+    args = SFTConfig(
+        output_dir=str(out), per_device_train_batch_size=training.micro_batch_size, gradient_accumulation_steps=1,
+        learning_rate=training.lr, lr_scheduler_type=training.lr_scheduler, warmup_steps=warmup_steps,
+        num_train_epochs=1, max_grad_norm=training.max_grad_norm, optim="adamw_torch", weight_decay=0.0,
+        # TRL's padding-free collator does not truncate: it needs max_length=None (our data fits max_seq_len anyway)
+        max_length=None if padding_free else training.max_seq_len, completion_only_loss=True,
+        padding_free=padding_free, seed=training.seed,
+        gradient_checkpointing=False, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
+        bf16=False, fp16=False, disable_tqdm=True,
+    )  # fmt: skip
+    lora = LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
+                      target_modules=lora_targets(cfg), task_type="CAUSAL_LM")  # fmt: skip
+    model = load_base_model(cfg, path)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    nonpad = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    processed = sum(batch["input_ids"].numel() for batch in trainer.get_train_dataloader())
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    loader = torch.utils.data.DataLoader(
+        data.eval, batch_size=training.eval_batch_size, collate_fn=lambda b: collate_padded(b, tokenizer.pad_token_id)
+    )
+    eval_loss = evaluate_loss(trainer.model, loader, trainer.accelerator)["loss"]
+    return {
+        "seconds": seconds,
+        "nonpad_tokens": nonpad,
+        "padding_waste": 1 - nonpad / processed,
+        "eval_loss": eval_loss,
+    }
+
+
+def child(variant: str, task: str, examples: int, result_file: Path) -> None:
+    from distributed_peft.cli.app import check_overrides
+    from distributed_peft.runtime.tracking import quiet_library_progress
+
+    quiet_library_progress()
+    packing = {"ours_group_by_length": "group_by_length", "ours_padding_free": "padding_free"}.get(variant, "none")
+    with tempfile.TemporaryDirectory() as out:
+        cfg = check_overrides([*bench_overrides(task, examples, packing), f"output_dir={out}"])
+        if variant.startswith("trl"):
+            result = run_trl(cfg, Path(out), padding_free=variant == "trl_padding_free")
+        else:
+            result = run_ours(cfg, Path(out))
+    result.update(variant=variant, task=task, peak_rss_mb=peak_rss_mb(),
+                  tokens_per_s=result["nonpad_tokens"] / result["seconds"])  # fmt: skip
+    result_file.write_text(json.dumps(result))
+
+
+def summarize(runs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any]], str]:
+    rows = []
+    for variant in VARIANTS:
+        mine = [r for r in runs if r["variant"] == variant and r["task"] == task]
+        if mine:
+            rates = [r["tokens_per_s"] for r in mine]
+            rows.append({"variant": variant, "tokens_per_s": statistics.median(rates), "min": min(rates),
+                         "max": max(rates), "padding_waste": statistics.median(r["padding_waste"] for r in mine),
+                         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in mine),
+                         "eval_loss": statistics.median(r["eval_loss"] for r in mine), "runs": len(mine)})  # fmt: skip
+    base = next(r for r in rows if r["variant"] == BASELINE)
+    lines = [f"## {task}", "", "| variant | non-pad tok/s median (range) | vs baseline | padding waste | peak RSS MB | "
+             "eval loss (vs baseline) |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        r["ratio"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["eval_loss_delta"] = r["eval_loss"] / base["eval_loss"] - 1
+        lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f}) | "
+                     f"{r['ratio']:.2f}x | {r['padding_waste']:.1%} | {r['peak_rss_mb']:,.0f} | "
+                     f"{r['eval_loss']:.4f} ({r['eval_loss_delta']:+.1%}) |")  # fmt: skip
+    return rows, "\n".join(lines)
+
+
+def bench(cfg: DictConfig) -> None:
+    """Every variant on every task, into output_dir (claimed before the first run); the tables on stdout."""
+    missing = missing_extra("trl", "bench", "dpeft-bench (TRL's SFTTrainer is its baseline)")
+    if missing:
+        raise ConfigError(missing)
+    output = Path(cfg.output_dir)
+    claimed = claim_output_dir(output, key="output_dir", command="dpeft-bench")
+    try:
+        report, markdown = run_benchmark(cfg)
+        atomic_write_text(output / "bench.json", json.dumps(report, indent=2))
+        atomic_write_text(output / "bench.md", "\n".join(markdown))
+    except BaseException:  # a failed run or write, Ctrl-C: remove what this benchmark created, nothing else
+        claimed.release()
+        raise
+    print("\n".join(markdown))
+    print(f"written: {output / 'bench.md'}")
+
+
+def run_benchmark(cfg: DictConfig) -> tuple[dict[str, Any], list[str]]:
+    """Every variant on every task, interleaved and repeated; the report and its markdown tables."""
+    variants = [BASELINE, *[v for v in cfg.variants if v != BASELINE]]
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for repeat in range(cfg.repeats):
+            for task in cfg.tasks:
+                for variant in variants:  # interleaved, so drift on a shared machine hits every variant
+                    result = Path(scratch) / f"{task}-{variant}-{repeat}.json"
+                    cmd = [sys.executable, __file__, "--child", variant, task,
+                           str(cfg.examples), str(result)]  # fmt: skip
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        sys.exit(f"{variant} on {task} failed:\n{proc.stderr[-3000:]}")
+                    runs.append(json.loads(result.read_text()))
+                    print(f"  [{repeat + 1}/{cfg.repeats}] {task:8s} {variant:22s} "
+                          f"{runs[-1]['tokens_per_s']:8,.0f} non-pad tok/s", flush=True)  # fmt: skip
+    report = {"setup": OmegaConf.to_container(cfg, resolve=True), "runs": runs, "tables": {}}
+    markdown = ["# dpeft-bench: tiny-llama QLoRA, one epoch, non-pad tokens/s", ""]
+    for task in cfg.tasks:
+        rows, table = summarize(runs, task)
+        report["tables"][task] = rows
+        markdown += [table, ""]
+    return report, markdown
+
+
+def child_main(argv: list[str]) -> None:
+    """`python benchmarks/harness.py --child VARIANT TASK EXAMPLES RESULT`: one run, for run_benchmark."""
+    variant, task, examples, result = argv
+    child(variant, task, int(examples), Path(result))
+
+
+if __name__ == "__main__":
+    child_main(sys.argv[2:])  # the one way it runs as a script: a child of run_benchmark

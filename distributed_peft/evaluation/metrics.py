@@ -1,0 +1,116 @@
+"""Task metrics over generated completions: SQL exact match and execution accuracy, BLEU, chrF, ROUGE-L and the
+share of outputs that still contain a toxic word. Every metric is a number in [0, 100] (higher is better) except
+`toxic_share` (lower is better)."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections import Counter
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+TOXIC_WORDS_FILE = Path(__file__).resolve().parents[1] / "resources" / "toxic_words.txt"
+LOWER_IS_BETTER = {"toxic_share", "loss"}
+
+
+def normalize_sql(query: str) -> str:
+    """Canonical text of a query (keywords, identifier case, spacing, trailing `;`); unparsable text as is, lowered."""
+    import sqlglot
+    from sqlglot.errors import SqlglotError
+
+    try:
+        statements = sqlglot.transpile(query, read="sqlite", write="sqlite", normalize=True)
+        return statements[0] if len(statements) == 1 else " ".join(query.lower().split())
+    except SqlglotError:
+        return " ".join(query.lower().split())
+
+
+def _rows(connection: sqlite3.Connection, query: str) -> Counter | None:
+    try:
+        return Counter(map(tuple, connection.execute(query).fetchall()))
+    except (sqlite3.Error, sqlite3.Warning, ValueError):
+        return None
+
+
+def execution_match(predicted: str, gold: str, context: str, seed: int = 0) -> bool:
+    """Both queries return the same rows (as a multiset) on a seeded in-memory database built from the schema."""
+    from distributed_peft.sample_corpora.sql import create_database
+
+    connection = create_database(context, seed=seed)
+    try:
+        expected = _rows(connection, gold)
+        return expected is not None and _rows(connection, predicted) == expected
+    finally:
+        connection.close()
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over whitespace tokens (longest common subsequence), in [0, 1]."""
+    a, b = prediction.split(), reference.split()
+    if not a or not b:
+        return float(a == b)
+    previous = [0] * (len(b) + 1)
+    for token in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+@cache
+def toxic_words() -> frozenset[str]:
+    lines = TOXIC_WORDS_FILE.read_text(encoding="utf-8").splitlines()
+    return frozenset(w.strip().lower() for w in lines if w.strip() and not w.startswith("#"))
+
+
+def contains_toxic_word(text: str) -> bool:
+    words = re.findall(r"[a-z']+", text.lower())
+    vocabulary = toxic_words()
+    return any(w in vocabulary for w in words) or any(" " in p and p in " ".join(words) for p in vocabulary)
+
+
+def score(
+    metric: str, predictions: Sequence[str], references: Sequence[Sequence[str]], records: Sequence[dict]
+) -> float:
+    """One metric over a split; references[i] lists every accepted reference of example i."""
+    import sacrebleu
+
+    n = max(len(predictions), 1)
+    if metric == "bleu":
+        return sacrebleu.corpus_bleu(list(predictions), _reference_streams(references)).score
+    if metric == "chrf":
+        return sacrebleu.corpus_chrf(list(predictions), _reference_streams(references)).score
+    if metric == "rouge_l":
+        return 100 * sum(max(rouge_l(p, r) for r in refs) for p, refs in zip(predictions, references, strict=True)) / n
+    if metric == "exact_match":
+        hits = sum(normalize_sql(p) == normalize_sql(refs[0]) for p, refs in zip(predictions, references, strict=True))
+        return 100 * hits / n
+    if metric == "execution_accuracy":
+        hits = sum(
+            execution_match(p, refs[0], record["context"])
+            for p, refs, record in zip(predictions, references, records, strict=True)
+        )
+        return 100 * hits / n
+    if metric == "toxic_share":
+        return 100 * sum(contains_toxic_word(p) for p in predictions) / n
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def _reference_streams(references: Sequence[Sequence[str]]) -> list[list[str]]:
+    """sacrebleu's layout: one stream per reference slot; an example with fewer references repeats its first."""
+    width = max((len(refs) for refs in references), default=1)
+    return [[refs[k] if k < len(refs) else refs[0] for refs in references] for k in range(width)]
+
+
+def score_all(
+    metrics: Sequence[str], predictions: Sequence[str], references: Sequence[Sequence[str]], records: Sequence[dict]
+) -> dict[str, float]:
+    """The task's metrics (`task.metrics`) over one model's predictions."""
+    return {metric: score(metric, predictions, references, records) for metric in metrics}

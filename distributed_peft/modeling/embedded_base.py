@@ -1,0 +1,259 @@
+"""Build the embedded tiny bases (`dpeft-build-base model=tiny-llama`): no hub, deterministic for a seed.
+
+A base is a small Llama or BLOOM made from its transformers config with a seeded init, a byte-level BPE
+tokenizer trained with `tokenizers` on the bundled sample corpora, and a short causal-LM pretraining on
+those corpora, so that adapters have a real language model to adapt. It is cached under
+`$DPEFT_HOME/bases/<name>-<config hash>` with the sha256 fingerprint of its weights.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+
+from distributed_peft.config import SAMPLE_DATA_DIR
+from distributed_peft.errors import ConfigError, StorageError
+
+BASE_METADATA = "dpeft_base.json"
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+CACHE_SLACK_BYTES = 16 * 2**20  # tokenizer files, metadata, filesystem blocks
+
+
+def dpeft_home() -> Path:
+    return Path(os.environ.get("DPEFT_HOME", Path.home() / ".cache" / "distributed_peft"))
+
+
+def corpus_files() -> list[Path]:
+    return sorted(SAMPLE_DATA_DIR.glob("*.jsonl"))
+
+
+def corpus_texts() -> list[str]:
+    """The bundled sample corpora as plain text: one document per record, its fields one per line."""
+    texts = []
+    for path in corpus_files():
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    texts.append("\n".join(str(v) for v in json.loads(line).values() if str(v).strip()))
+    return texts
+
+
+def recipe_digest(model_cfg: DictConfig) -> str:
+    """12 hex digits naming an embedded base's recipe: family, shape, seed, pretraining and corpora.
+
+    The same recipe builds the same weights on one machine; another CPU may round the last bits differently, so this
+    (not the weights fingerprint) is what identifies an embedded base across machines.
+    """
+    recipe = {"family": model_cfg.family, "base": OmegaConf.to_container(model_cfg.base, resolve=True)}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
+    for path in corpus_files():
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def base_dir(model_cfg: DictConfig) -> Path:
+    """Cache directory of an embedded base: changes whenever its shape, seed, pretraining or corpora change."""
+    return dpeft_home() / "bases" / f"{model_cfg.name}-{recipe_digest(model_cfg)}"
+
+
+def bytes_needed(model_cfg: DictConfig) -> int:
+    """An upper bound of what building a base writes: float32 weights (untied embeddings), tokenizer, slack."""
+    base = model_cfg.base
+    vocab = 64 * math.ceil(base.vocab_size / 64) + 64
+    params = 2 * vocab * base.hidden_size + base.num_layers * (
+        4 * base.hidden_size**2 + 3 * base.hidden_size * max(base.intermediate_size, 4 * base.hidden_size)
+    )
+    return 2 * 4 * params + CACHE_SLACK_BYTES  # twice: the staging copy and a replaced older one coexist briefly
+
+
+def _write_probe(directory: Path) -> None:
+    """Create and remove a small file in `directory` (creating the directory): OSError when the cache takes none."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-") as probe:
+        probe.write(b"ok")
+        probe.flush()
+
+
+def check_cache(model_cfg: DictConfig) -> None:
+    """Raise StorageError (one line) unless $DPEFT_HOME takes the base: checked before a minute of pretraining."""
+    bases = base_dir(model_cfg).parent
+    needed_mib = math.ceil(bytes_needed(model_cfg) / 2**20)
+    fix = f"set DPEFT_HOME to a writable directory with {needed_mib} MiB free"
+    try:
+        _write_probe(bases)
+        free = shutil.disk_usage(bases).free
+    except OSError as exc:
+        reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or str(exc)
+        where = f"DPEFT_HOME={str(dpeft_home())!r}: the cache of embedded bases ({bases})"
+        raise StorageError(f"{where} cannot be written ({reason}); {fix}") from exc
+    if free < bytes_needed(model_cfg):
+        raise StorageError(
+            f"DPEFT_HOME={str(dpeft_home())!r}: {bases} has {free / 2**20:.0f} MiB free, building base "
+            f"{model_cfg.name} needs {needed_mib} MiB; free space there or {fix}"
+        )
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over every tensor of a saved model, by name, independent of file metadata."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in sorted(f.keys()):
+                tensor = f.get_tensor(name).contiguous()
+                digest.update(name.encode())
+                digest.update(str(tuple(tensor.shape)).encode())
+                digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, family: str):
+    """A byte-level BPE tokenizer with <pad>, <s>, </s>; Llama-style adds <s> in front, BLOOM-style adds nothing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    bos_id = tokenizer.token_to_id(SPECIAL_TOKENS["bos_token"])
+    if family == "bloom":
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    else:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=4096, **SPECIAL_TOKENS)
+
+
+def model_config(model_cfg: DictConfig, tokenizer):
+    """The transformers config of an embedded base, vocabulary rounded up to a multiple of 64."""
+    from transformers import BloomConfig, LlamaConfig
+
+    base = model_cfg.base
+    vocab = 64 * math.ceil(len(tokenizer) / 64)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    ids["pad_token_id"] = tokenizer.pad_token_id
+    if model_cfg.family == "bloom":
+        if base.intermediate_size != 4 * base.hidden_size:
+            raise ConfigError(
+                f"model.base.intermediate_size={base.intermediate_size} is invalid for BLOOM; "
+                f"it must be 4 * hidden_size = {4 * base.hidden_size}"
+            )
+        return BloomConfig(
+            vocab_size=vocab,
+            hidden_size=base.hidden_size,
+            n_layer=base.num_layers,
+            n_head=base.num_heads,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            **ids,
+        )
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=base.hidden_size,
+        intermediate_size=base.intermediate_size,
+        num_hidden_layers=base.num_layers,
+        num_attention_heads=base.num_heads,
+        num_key_value_heads=base.num_kv_heads,
+        max_position_embeddings=model_cfg.context_length,
+        tie_word_embeddings=False,
+        **ids,
+    )
+
+
+def pretraining_blocks(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """All texts tokenized, joined by EOS and cut into blocks of seq_len tokens."""
+    ids: list[int] = []
+    for encoding in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoding + [tokenizer.eos_token_id])
+    n_blocks = len(ids) // seq_len
+    return torch.tensor(ids[: n_blocks * seq_len]).view(n_blocks, seq_len)
+
+
+def pretrain(model, blocks: torch.Tensor, base: DictConfig) -> list[float]:
+    """A short causal-LM pretraining (AdamW, cosine schedule) with a seeded order of blocks."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    generator = torch.Generator().manual_seed(base.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=base.pretrain_lr, weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, base.pretrain_steps // 20), base.pretrain_steps)
+    model.train()
+    losses, order, cursor = [], torch.randperm(len(blocks), generator=generator), 0
+    start = time.perf_counter()
+    for step in range(base.pretrain_steps):
+        if cursor + base.pretrain_batch_size > len(order):
+            order, cursor = torch.randperm(len(blocks), generator=generator), 0
+        batch = blocks[order[cursor : cursor + base.pretrain_batch_size]]
+        cursor += base.pretrain_batch_size
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 50 == 0 or step == base.pretrain_steps - 1:
+            rate = (step + 1) * batch.numel() / (time.perf_counter() - start)
+            print(f"  pretrain step {step + 1}/{base.pretrain_steps}  loss {loss.item():.3f}  {rate:,.0f} tok/s")
+    model.eval()
+    return losses
+
+
+def build_base(model_cfg: DictConfig, force: bool = False) -> Path:
+    """Build (or find in the cache) the embedded base of a model config; return its directory."""
+    from transformers import AutoModelForCausalLM
+
+    if not model_cfg.embedded:
+        raise ConfigError(f"model={model_cfg.name!r} is not embedded; allowed: tiny-llama, tiny-bloom")
+    target = base_dir(model_cfg)
+    if (target / BASE_METADATA).is_file() and not force:
+        return target
+    check_cache(model_cfg)  # a read-only or full cache is one line now, not a traceback after pretraining
+    base = model_cfg.base
+    print(f"Building embedded base {model_cfg.name} in {target}")
+    texts = corpus_texts()
+    tokenizer = train_tokenizer(texts, base.vocab_size, model_cfg.family)
+    config = model_config(model_cfg, tokenizer)
+    torch.manual_seed(base.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    losses = pretrain(model, pretraining_blocks(texts, tokenizer, base.pretrain_seq_len), base)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    metadata = {
+        "name": model_cfg.name,
+        "family": model_cfg.family,
+        "fingerprint": weights_fingerprint(staging),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": config.vocab_size,
+        "pretrain": {**OmegaConf.to_container(base), "first_loss": losses[0], "final_loss": losses[-1]},
+    }
+    (staging / BASE_METADATA).write_text(json.dumps(metadata, indent=2))
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)  # atomic: a half-written base is never found in the cache
+    return target
+
+
+def base_metadata(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / BASE_METADATA).read_text())

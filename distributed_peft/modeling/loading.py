@@ -1,0 +1,167 @@
+"""The base model: where it comes from, how it is quantized (QLoRA) and how LoRA attaches to it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from distributed_peft.config import lora_targets
+from distributed_peft.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BaseIdentity:
+    """What an adapter records about the base it was trained on, and checks again when loaded."""
+
+    name: str
+    family: str
+    name_or_path: str
+    fingerprint: str
+    recipe: str | None = None  # recipe digest of an embedded base (embedded_base.recipe_digest), else None
+
+    def to_dict(self) -> dict[str, str]:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+def resolve_base(model_cfg: DictConfig) -> tuple[str, BaseIdentity]:
+    """The directory or hub id to load, and the base's identity (weights sha256 for embedded bases).
+
+    A hub id is checked first (distributed_peft/runtime/hub.py): unreachable and not cached is a one-line ConfigError.
+    """
+    if model_cfg.embedded:
+        from distributed_peft.modeling.embedded_base import base_metadata, build_base, recipe_digest
+
+        directory = build_base(model_cfg)
+        fingerprint = base_metadata(directory)["fingerprint"]
+        identity = BaseIdentity(model_cfg.name, model_cfg.family, model_cfg.name, fingerprint, recipe_digest(model_cfg))
+        return str(directory), identity
+    path = model_cfg.name_or_path
+    if Path(path).is_dir():
+        from distributed_peft.modeling.embedded_base import weights_fingerprint
+
+        return path, BaseIdentity(model_cfg.name, model_cfg.family, path, weights_fingerprint(path))
+    from distributed_peft.runtime.hub import resolve_hub_model
+
+    # an unreachable Hub is one line now, not a minute of retries when the weights load
+    return resolve_hub_model(path), BaseIdentity(model_cfg.name, model_cfg.family, path, f"hub:{path}")
+
+
+def compute_dtype(cfg: DictConfig) -> torch.dtype:
+    """The dtype matmuls run in: bfloat16 on bf16 GPUs, float16 on older GPUs, float32 on CPU."""
+    requested = cfg.peft.get("quantization", {}).get("compute_dtype", "auto") if cfg.peft.method == "qlora" else "auto"
+    if requested == "auto":
+        requested = cfg.model.torch_dtype
+    if requested != "auto" and (torch.cuda.is_available() or requested == "float32"):
+        return DTYPES[requested]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(cfg: DictConfig, sharded_parameters: bool = False):
+    """bitsandbytes 4-bit config; under ZeRO-3/FSDP the 4-bit storage dtype is the compute dtype so shards match."""
+    from transformers import BitsAndBytesConfig
+
+    quant = cfg.peft.quantization
+    dtype = compute_dtype(cfg)
+    storage = quant.quant_storage
+    if storage == "auto":
+        storage_dtype = dtype if sharded_parameters else torch.uint8
+    else:
+        storage_dtype = torch.uint8 if storage == "uint8" else DTYPES.get(storage, dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=storage_dtype,
+    )
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # hub Llama tokenizers ship without a pad token
+    return tokenizer
+
+
+def load_base_model(cfg: DictConfig, path: str, device: torch.device | str = "cpu", sharded_parameters: bool = False):
+    """The frozen base: 4-bit for QLoRA (on `device`), or in the model's dtype for LoRA.
+
+    transformers never wraps a quantized model in DeepSpeed's zero.Init, so under ZeRO-3 the 4-bit base loads
+    whole on each rank and DeepSpeed shards it when prepared (its storage dtype equal to the compute dtype).
+    """
+    from transformers import AutoModelForCausalLM
+
+    attention = cfg.model.attn_implementation
+    if cfg.training.packing == "padding_free" and attention == "sdpa":
+        from distributed_peft.modeling.packed_attention import register_packed_attention
+
+        attention = register_packed_attention()  # sdpa per packed example instead of over the whole row
+    kwargs = {
+        "dtype": compute_dtype(cfg),
+        "attn_implementation": attention,
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
+    if cfg.peft.method == "qlora":
+        kwargs["quantization_config"] = quantization_config(cfg, sharded_parameters)
+        if not sharded_parameters:  # ZeRO-3 and FSDP place (and shard) the weights themselves
+            kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def attach_lora(model, cfg: DictConfig, gradient_checkpointing: bool = False):
+    """Wrap the base in a trainable LoRA adapter over the configured target modules."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from distributed_peft.modeling.lora_dropout import use_sparse_dropout
+
+    targets = lora_targets(cfg)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise ConfigError(
+            f"peft.target_modules={targets} names module(s) {', '.join(missing)} that model {cfg.model.name} "
+            f"does not have; allowed: module names of its {cfg.model.family} layers"
+        )
+    if cfg.peft.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.peft.r,
+        lora_alpha=cfg.peft.alpha,
+        lora_dropout=cfg.peft.dropout,
+        target_modules=targets,
+        bias=cfg.peft.bias,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    use_sparse_dropout(model)  # the same dropout distribution, without one random draw per element on CPU
+    return model
+
+
+def apply_liger_kernel(model) -> bool:
+    """Swap in Liger's fused kernels (RMSNorm, RoPE, SwiGLU, fused cross-entropy) on CUDA when installed."""
+    import warnings
+
+    if not torch.cuda.is_available():
+        warnings.warn("training.liger_kernel=true ignored: Liger kernels need CUDA", stacklevel=2)
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        warnings.warn("training.liger_kernel=true ignored: pip install liger-kernel to use it", stacklevel=2)
+        return False
+    _apply_liger_kernel_to_instance(model=model)
+    return True
