@@ -10,7 +10,7 @@ from distributed_peft.data.batching import LengthAwareBatchSampler, collate_pack
 from distributed_peft.data.task_data import collate_padded, prepare_task_data
 from distributed_peft.errors import ConfigError
 from distributed_peft.modeling.loading import attach_lora, load_base_model, load_tokenizer
-from distributed_peft.training.objective import completion_token_stats
+from distributed_peft.modeling.objective import completion_token_stats
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_train_loader_modes(bases):
 
 
 def test_projecting_only_loss_positions_gives_the_same_loss_and_gradients(llama):
-    from distributed_peft.training.objective import loss_positions, token_stats
+    from distributed_peft.modeling.objective import loss_positions, token_stats
 
     model, examples = llama
     batch = collate_padded(examples, pad_token_id=0)
@@ -125,7 +125,7 @@ def test_projecting_only_loss_positions_gives_the_same_loss_and_gradients(llama)
 
 def test_token_stats_sums_the_cross_entropy_of_labelled_tokens_per_row():
     from distributed_peft.data.task_data import IGNORE_INDEX
-    from distributed_peft.training.objective import token_stats
+    from distributed_peft.modeling.objective import token_stats
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)

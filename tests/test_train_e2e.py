@@ -110,7 +110,7 @@ def test_qlora_adapter_learns_real_data(task, relative, columns, tmp_path, bases
 
 def test_training_after_an_evaluation_still_updates_every_lora_layer(tmp_path, bases):
     """bitsandbytes' CPU 4-bit repack in eval mode would silently cut the input gradient through the base layers."""
-    from distributed_peft.training.objective import completion_token_stats
+    from distributed_peft.modeling.objective import completion_token_stats
 
     cfg = compose_config(train_overrides("detox", "tiny-llama", tmp_path, "peft.dropout=0", "training.warmup_ratio=0"))
     recipe = FinetuneRecipe(cfg)

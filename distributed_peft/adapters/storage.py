@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_peft.errors import AdapterError, StorageError
-from distributed_peft.modeling.loading import BaseIdentity
+from distributed_peft.modeling.loading import BaseIdentity, portable_base_name
 from distributed_peft.runtime.atomic_files import TMP_PREFIX, atomic_directory
 from distributed_peft.runtime.output_dirs import LOCK_FILE, OWNER_MARKER, check_output_dir, claim_output_dir
 
@@ -45,14 +45,6 @@ def save_adapter(accelerator, model, tokenizer, directory: Path, metadata: dict[
             (staging / ADAPTER_METADATA).write_text(redact(json.dumps(metadata, indent=2, default=str)))
     accelerator.wait_for_everyone()
     return directory
-
-
-def portable_base_name(base: dict[str, Any]) -> str:
-    """The base as another machine names it: its Hub id, or for a local or embedded base the name that `model=NAME`
-    loads or rebuilds, never a path of this machine."""
-    name_or_path = base["name_or_path"]
-    local = Path(name_or_path).is_absolute() or Path(name_or_path).exists()
-    return base["name"] if local else name_or_path
 
 
 def _portable_base_name(config_path: Path, base: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distributed_peft.config import resolve_data_source
 from distributed_peft.errors import AdapterError, ConfigError, DataError
-from distributed_peft.training.objective import completion_token_stats
+from distributed_peft.modeling.objective import completion_token_stats
 
 
 @contextlib.contextmanager

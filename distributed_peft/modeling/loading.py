@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -26,6 +27,14 @@ class BaseIdentity:
 
     def to_dict(self) -> dict[str, str]:
         return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+def portable_base_name(base: dict[str, Any]) -> str:
+    """The base as another machine names it: its Hub id, or for a local or embedded base the name that `model=NAME`
+    loads or rebuilds, never a path of this machine."""
+    name_or_path = base["name_or_path"]
+    local = Path(name_or_path).is_absolute() or Path(name_or_path).exists()
+    return base["name"] if local else name_or_path
 
 
 def resolve_base(model_cfg: DictConfig) -> tuple[str, BaseIdentity]:

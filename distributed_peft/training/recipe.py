@@ -271,7 +271,7 @@ class FinetuneRecipe:
         """
         from distributed_peft.data.batching import model_inputs, real_tokens
         from distributed_peft.runtime.distributed import global_sum
-        from distributed_peft.training.objective import count_label_tokens, loss_positions, token_stats
+        from distributed_peft.modeling.objective import count_label_tokens, loss_positions, token_stats
 
         accelerator, model = self.accelerator, self.model
         local_tokens = sum(count_label_tokens(b["labels"]) for b in window)
