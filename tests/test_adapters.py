@@ -127,7 +127,7 @@ def test_merged_model_computes_what_base_plus_adapter_computes(which, trained, t
         return_tensors="pt",
         padding=True,
     )
-    from distributed_peft.evaluation.evaluator import evaluation_mode
+    from distributed_peft.evaluation.inference import evaluation_mode
 
     with evaluation_mode(peft_model):
         expected = peft_model(**ids).logits

@@ -161,7 +161,7 @@ def test_datasets_and_license_follow_where_the_data_and_base_came_from(tmp_path)
 @pytest.mark.slow
 def test_merged_folder_loads_with_plain_transformers_and_computes_base_plus_adapter(run, tmp_path):
     from distributed_peft.adapters.storage import load_base_with_adapters
-    from distributed_peft.evaluation.evaluator import evaluation_mode
+    from distributed_peft.evaluation.inference import evaluation_mode
 
     merged = run["merged"]
     names = {p.name for p in merged.iterdir()}

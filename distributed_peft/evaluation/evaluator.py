@@ -7,11 +7,9 @@ dpeft-eval output_dir=runs/detox-tiny-llama                  # the adapter of th
 
 from __future__ import annotations
 
-import contextlib
 import re
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,37 +23,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distributed_peft.config import resolve_data_source
 from distributed_peft.errors import AdapterError, ConfigError, DataError
+from distributed_peft.evaluation.generation import generate_completions, prompt_ids
+from distributed_peft.evaluation.inference import evaluation_mode, progress
+from distributed_peft.evaluation.metrics import score_all
 from distributed_peft.modeling.objective import completion_token_stats
-
-
-@contextlib.contextmanager
-def evaluation_mode(model) -> Iterator[None]:
-    """No grad, dropout off, but 4-bit layers kept in train mode.
-
-    bitsandbytes' CPU path repacks a 4-bit weight for good the first time it runs in eval mode without grad,
-    and backward through a repacked layer silently loses the input gradient; so training after an
-    evaluation would stop updating the LoRA layers below it. Keeping those layers in train mode avoids it.
-    """
-    was_training = {module: module.training for module in model.modules()}
-    model.eval()
-    for module in model.modules():
-        if type(module).__module__.startswith("bitsandbytes"):
-            module.training = True
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in was_training.items():
-            module.training = training
-
-
-def progress(iterable, accelerator, desc: str | None, total: int | None = None):
-    """`iterable` with a progress bar on the main process when `desc` is given (rate and ETA), else as it is."""
-    if desc is None or not accelerator.is_main_process:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, unit="batch", mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
 def evaluate_loss(model, loader, accelerator, stop=None, desc: str | None = None) -> dict[str, float]:
@@ -80,9 +51,6 @@ def evaluate_loss(model, loader, accelerator, stop=None, desc: str | None = None
 
 def evaluate_generations(model, tokenizer, examples: list[dict[str, Any]], cfg: DictConfig, accelerator) -> dict:
     """Greedy completions of the first validation examples, scored with the task's metrics."""
-    from distributed_peft.evaluation.generation import generate_completions, prompt_ids
-    from distributed_peft.evaluation.metrics import score_all
-
     examples = examples[: cfg.evaluation.max_generate_examples]
     prompts = [prompt_ids(e["record"], cfg.task, tokenizer) for e in examples]
     predictions = generate_completions(model, tokenizer, prompts, cfg, accelerator)
@@ -94,8 +62,6 @@ def evaluate_generations(model, tokenizer, examples: list[dict[str, Any]], cfg: 
 def evaluate_base_and_adapter(model, loader, accelerator, cfg: DictConfig, tokenizer, examples) -> dict[str, Any]:
     """The same split scored by the base alone (adapter disabled) and by base + adapter: loss, token accuracy and,
     when `evaluation.generate`, the task's metrics on greedy generations with a few side-by-side samples."""
-    from distributed_peft.evaluation.generation import prompt_ids
-
     shown = cfg.logging.progress_bar
     adapter_loss = evaluate_loss(model, loader, accelerator, desc="eval loss, adapter" if shown else None)
     results: dict[str, Any] = {"adapter": adapter_loss}

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from distributed_peft.config import PACKAGE_DIR, load_recorded_config
 from distributed_peft.data.prompts import check_not_empty, generation_prompt_ids, task_record
 from distributed_peft.data.prompts import prompt_ids as task_prompt_ids
+from distributed_peft.evaluation.inference import evaluation_mode, progress
 
 
 def prompt_ids(record: dict[str, Any], task: DictConfig, tokenizer) -> list[int]:
@@ -37,8 +38,6 @@ def generate_batch(
 ) -> list[str]:
     """Completions (decoded, stripped, stopped at EOS) of already tokenized prompts: greedy, or sampled at
     `temperature` > 0 from torch's global generator (seed it first for a reproducible answer)."""
-    from distributed_peft.evaluation.evaluator import evaluation_mode
-
     device = next(model.parameters()).device
     input_ids, attention_mask = _left_padded(prompts, tokenizer.pad_token_id)
     with evaluation_mode(model):
@@ -66,8 +65,6 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], cfg: DictCo
     synced = accelerator.distributed_type.name in ("DEEPSPEED", "FSDP") and accelerator.num_processes > 1
     batch_size, max_new_tokens = cfg.evaluation.generation_batch_size, cfg.evaluation.max_new_tokens
     indexed = list(enumerate(prompts))
-    from distributed_peft.evaluation.evaluator import progress
-
     desc = "generating" if cfg.logging.progress_bar else None
     with accelerator.split_between_processes(indexed, apply_padding=True) as shard:
         results = []
