@@ -123,7 +123,7 @@ def run_trl(cfg, out: Path, padding_free: bool) -> dict[str, Any]:
 
 
 def child(variant: str, task: str, examples: int, result_file: Path) -> None:
-    from distributed_peft.cli.app import check_overrides
+    from distributed_peft.cli.preflight import check_overrides
     from distributed_peft.runtime.tracking import quiet_library_progress
 
     quiet_library_progress()

@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def compose_config(overrides: list[str]):
     """The config an entry point would run with these overrides, checked the way the CLI checks it."""
-    from distributed_peft.cli.app import check_overrides
+    from distributed_peft.cli.preflight import check_overrides
 
     return check_overrides(overrides)
 

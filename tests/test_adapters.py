@@ -42,7 +42,7 @@ def trained(tmp_path_factory, bases) -> dict[str, Path]:
 def generate(adapters: list[Path], prompt: str, **inputs: str) -> dict[str, dict[str, str]]:
     overrides = [f"adapters=[{','.join(map(str, adapters))}]", f"prompt='{prompt}'"]
     overrides += [f"+inputs.{k}='{v}'" for k, v in inputs.items()]
-    from distributed_peft.cli.app import check_overrides
+    from distributed_peft.cli.preflight import check_overrides
     from distributed_peft.config import validate_generate
 
     return generate_with_adapters(check_overrides(overrides, "generate", validate_generate))

@@ -68,7 +68,7 @@ def test_slurm_preset_asks_one_task_per_gpu_and_requeues_after_a_checkpoint():
 
 
 def test_a_launcher_passes_preflight_and_a_mistyped_one_is_one_line(monkeypatch):
-    from distributed_peft.cli.app import check_overrides
+    from distributed_peft.cli.preflight import check_overrides
 
     assert check_overrides(["hydra/launcher=slurm", "task=sql"]).task.name == "sql"
     assert check_overrides(["-m", "hydra/launcher=slurm", "task=sql,detox"]) is None  # Hydra expands the sweep

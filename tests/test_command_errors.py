@@ -112,7 +112,7 @@ def test_a_broken_adapter_is_one_line_in_every_command_before_a_model_loads(tmp_
 
 
 def test_the_explorer_lists_a_broken_adapter_as_unavailable_and_keeps_the_others(tmp_path, bases):
-    from distributed_peft.cli.app import check_overrides
+    from distributed_peft.cli.preflight import check_overrides
     from distributed_peft.config import validate_explore
     from distributed_peft.serving.explorer import describe_adapters
 

@@ -156,7 +156,7 @@ def test_cli_exits_2_with_one_line_per_problem_and_no_traceback(args, expected, 
 
 
 def test_generate_and_merge_apps_compose_and_check_their_inputs(tmp_path):
-    from distributed_peft.cli.app import check_overrides
+    from distributed_peft.cli.preflight import check_overrides
     from distributed_peft.config import validate_generate, validate_merge
 
     cfg = check_overrides(

@@ -49,7 +49,7 @@ def hydra_quote(text: str) -> str:
 
 @pytest.mark.slow
 def test_bad_explore_config_is_one_line_and_exit_2_before_loading(tmp_path):
-    from distributed_peft.cli.app import check_overrides
+    from distributed_peft.cli.preflight import check_overrides
     from distributed_peft.config import validate_explore
     from distributed_peft.errors import ConfigError
 

@@ -207,7 +207,7 @@ def generate_cli(monkeypatch, capsys, argv: list[str]) -> str:
 @pytest.fixture(scope="module")
 def explorer(bases):
     """The explorer's model worker over the prebuilt instruct and detox adapters, without a web server."""
-    from distributed_peft.cli.app import check_overrides
+    from distributed_peft.cli.preflight import check_overrides
     from distributed_peft.config import validate_explore
     from distributed_peft.serving.explorer import load_explorer
 
@@ -300,7 +300,7 @@ def test_user_text_on_the_command_line_reaches_the_config_exactly(text):
 
 
 def compose_config_generate(overrides: list[str]):
-    from distributed_peft.cli.app import check_overrides
+    from distributed_peft.cli.preflight import check_overrides
     from distributed_peft.config import validate_generate
 
     return check_overrides(overrides, "generate", validate_generate)

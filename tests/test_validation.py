@@ -59,7 +59,7 @@ def test_unknown_plus_key_is_one_line_with_a_suggestion_and_exit_2(monkeypatch, 
 
 
 def test_unknown_plus_key_in_merge_and_generate_configs(tmp_path):
-    from distributed_peft.cli.app import check_overrides
+    from distributed_peft.cli.preflight import check_overrides
     from distributed_peft.config import validate_generate, validate_merge
 
     cfg = check_overrides([f"adapters=[{tmp_path}]", "prompt=hi", "+inputs.context=x"], "generate", validate_generate)

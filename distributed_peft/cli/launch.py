@@ -34,7 +34,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig
 
-from distributed_peft.cli.app import check_overrides, print_only, report_user_error
+from distributed_peft.cli.help import print_only, report_user_error
+from distributed_peft.cli.preflight import check_overrides
 from distributed_peft.config import HOST_PATTERN, PACKAGE_DIR
 from distributed_peft.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError, DpeftError
 from distributed_peft.runtime.output_dirs import ClaimedDir, check_not_locked, check_output_dir
