@@ -19,8 +19,8 @@ from conftest import TEST_HOME, compose_config
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
+from distributed_peft.adapters.metric_table import COUNT_METRICS
 from distributed_peft.adapters.model_cards import render_adapter_card, write_model_card
-from distributed_peft.evaluation.reports import COUNT_METRICS
 from distributed_peft.training.reproduce import PREBUILT_DIR
 
 PLANTED = {

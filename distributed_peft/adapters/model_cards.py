@@ -16,7 +16,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-from distributed_peft.evaluation.reports import COUNT_METRICS, metrics_table
+from distributed_peft.adapters.metric_table import COUNT_METRICS, metrics_table
 from distributed_peft.modeling.loading import portable_base_name
 from distributed_peft.runtime.atomic_files import atomic_write_text
 from distributed_peft.runtime.redaction import redact, redact_values

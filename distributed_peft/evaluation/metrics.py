@@ -12,7 +12,6 @@ from functools import cache
 from pathlib import Path
 
 TOXIC_WORDS_FILE = Path(__file__).resolve().parents[1] / "resources" / "toxic_words.txt"
-LOWER_IS_BETTER = {"toxic_share", "loss"}
 
 
 def normalize_sql(query: str) -> str:

@@ -1,6 +1,6 @@
 """What people look at after a run: eval.json / eval.md (base vs adapter), loss.png, eval_metrics.png.
 
-The model card is model_cards.py.
+The table eval.md shows is adapters/metric_table.py, the model card adapters/model_cards.py.
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from distributed_peft.evaluation.metrics import LOWER_IS_BETTER
+from distributed_peft.adapters.metric_table import COUNT_METRICS, better, metrics_table
 from distributed_peft.runtime.atomic_files import atomic_savefig, atomic_write_text
 from distributed_peft.runtime.tracking import read_metrics
-
-COUNT_METRICS = {"tokens", "generated_examples"}
 
 
 def _pyplot():
@@ -24,19 +22,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def metrics_table(results: dict[str, Any]) -> str:
-    """Markdown table: one row per metric, base and adapter side by side, with which direction is better."""
-    rows = ["| metric | base | adapter | better |", "| --- | --- | --- | --- |"]
-    for metric, adapter in results["adapter"].items():
-        base = results["base"][metric]
-        if metric in COUNT_METRICS:
-            rows.append(f"| {metric} | {int(base):,} | {int(adapter):,} | |")
-            continue
-        better = "lower" if metric in LOWER_IS_BETTER else "higher"
-        rows.append(f"| {metric} | {base:.4f} | {adapter:.4f} | {better} |")
-    return "\n".join(rows)
 
 
 def _samples_markdown(samples: list[dict[str, str]]) -> list[str]:
@@ -73,7 +58,7 @@ def plot_metric_bars(run_dir: Path, results: dict[str, Any], title: str) -> Path
         values = [results["base"][metric], results["adapter"][metric]]
         bars = ax.bar(["base", "adapter"], values, color=["#9e9e9e", "#1f77b4"])
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
-        ax.set_title(f"{metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)", fontsize=9)
+        ax.set_title(f"{metric} ({better(metric)} is better)", fontsize=9)
         ax.margins(y=0.15)
     fig.suptitle(title)
     fig.tight_layout()

@@ -1,0 +1,29 @@
+"""An adapter's evaluation as people read it: base and adapter side by side (the `results` that eval.json,
+metrics.json and dpeft_adapter.json record), which entries are counts, and which direction of each metric is better.
+
+eval.md (evaluation/reports.py) and the model cards (model_cards.py) show the same table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+COUNT_METRICS = {"tokens", "generated_examples"}  # how much was evaluated, not how well
+LOWER_IS_BETTER = {"toxic_share", "loss"}
+
+
+def better(metric: str) -> str:
+    """Which direction of `metric` is better: "lower" or "higher"."""
+    return "lower" if metric in LOWER_IS_BETTER else "higher"
+
+
+def metrics_table(results: dict[str, Any]) -> str:
+    """Markdown table: one row per metric, base and adapter side by side, with which direction is better."""
+    rows = ["| metric | base | adapter | better |", "| --- | --- | --- | --- |"]
+    for metric, adapter in results["adapter"].items():
+        base = results["base"][metric]
+        if metric in COUNT_METRICS:
+            rows.append(f"| {metric} | {int(base):,} | {int(adapter):,} | |")
+            continue
+        rows.append(f"| {metric} | {base:.4f} | {adapter:.4f} | {better(metric)} |")
+    return "\n".join(rows)
