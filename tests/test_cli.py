@@ -58,7 +58,7 @@ def test_python_dash_m_and_accelerate_launch_run_the_same_module(tmp_path, bases
         "--dynamo_backend",
         "no",
         "-m",
-        "distributed_peft.training.recipe",
+        "distributed_peft.cli.train",
     ]
     losses = []
     for name, prefix in [("module", module), ("launched", launched)]:
