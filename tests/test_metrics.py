@@ -31,11 +31,30 @@ def test_execution_accuracy_compares_result_rows_not_text():
     assert not execution_match("SELECT * FROM no_such_table", gold, SCHEMA)
 
 
-def test_rouge_l_is_the_lcs_f1():
-    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
-    # LCS("a b c d", "a c d e") = 3 -> precision 3/4, recall 3/4
-    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
-    assert rouge_l("x y", "a b") == 0.0
+# (prediction, reference, ROUGE-L F1 worked out by hand over rouge-score's tokens: lowercased, split at anything not
+# a letter or digit). The old whitespace-split, case-sensitive variant gave 0.5, 0.0, 0.667, 0.0 for the first four.
+ROUGE_PAIRS = [
+    ("The Cat sat on the mat.", "the cat sat on the mat", 1.0),
+    ("Hello, world!", "hello world", 1.0),
+    ("return max(numbers) - min(numbers)", "return min(numbers)", 0.75),  # LCS 3 of 5 and 3 tokens
+    ("A B C D", "a c d e", 0.75),  # LCS a c d: precision 3/4, recall 3/4
+    ("x y", "a b", 0.0),
+]
+
+
+@pytest.mark.parametrize(("prediction", "reference", "expected"), ROUGE_PAIRS)
+def test_rouge_l_is_rouge_scores_lcs_f1_ignoring_case_and_punctuation(prediction, reference, expected):
+    from rouge_score import rouge_scorer
+
+    library = rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
+    assert rouge_l(prediction, reference) == pytest.approx(expected)
+    assert rouge_l(prediction, reference) == pytest.approx(library)
+
+
+def test_rouge_l_score_is_the_mean_of_the_best_reference_in_0_to_100():
+    predictions = ["The Cat sat on the mat.", "A B C D"]
+    references = [["a dog", "the cat sat on the mat"], ["a c d e"]]
+    assert score("rouge_l", predictions, references, [{}, {}]) == pytest.approx(100 * (1.0 + 0.75) / 2)
 
 
 def test_toxic_words_are_matched_as_whole_words_and_phrases():
