@@ -10,7 +10,7 @@ Each run is its own subprocess (peak RSS is per run; `python benchmarks/harness.
 variants are interleaved and repeated, and the table gives the median and range of non-pad tokens/s, the ratio to
 the baseline, padding waste, peak memory and the final eval loss (our completion-only evaluation on the same
 validation split for every variant). Writes bench.json, bench.md into output_dir, which must be absent, empty or made
-by distributed-peft (checked before the first run). Keys: conf/bench.yaml (BenchConfig in distributed_peft/config).
+by distributed-peft (checked before the first run). Keys: conf/bench.yaml (BenchConfig in config/commands.py).
 The command is distributed_peft/cli/bench.py;
 this harness is a tool for us and is not in the wheel.
 """
@@ -29,8 +29,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from distributed_peft.config import BENCH_VARIANTS as VARIANTS
-from distributed_peft.config import PROJECT_ROOT, missing_extra
+from distributed_peft.config import BenchVariant, missing_extra
+from distributed_peft.constants import PROJECT_ROOT
 from distributed_peft.errors import ConfigError
 from distributed_peft.runtime.atomic_files import atomic_write_text
 from distributed_peft.runtime.output_dirs import claim_output_dir
@@ -141,7 +141,7 @@ def child(variant: str, task: str, examples: int, result_file: Path) -> None:
 
 def summarize(runs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any]], str]:
     rows = []
-    for variant in VARIANTS:
+    for variant in BenchVariant.values():
         mine = [r for r in runs if r["variant"] == variant and r["task"] == task]
         if mine:
             rates = [r["tokens_per_s"] for r in mine]

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from distributed_peft.constants import METRICS_FILE
 from distributed_peft.errors import StorageError
 from distributed_peft.runtime.output_dirs import check_output_dir, claim_output_dir
 
@@ -46,7 +47,7 @@ def run_once(workers: int, args: argparse.Namespace, extra: list[str], out: Path
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"benchmark run failed ({workers} workers):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     return [r for r in rows if "train/tokens_per_s" in r][-1]["train/tokens_per_s"]
 
 

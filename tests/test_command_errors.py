@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT_ROOT, compose_config, run_entry
 
+from distributed_peft.constants import PREBUILT_DIR
 from distributed_peft.runtime.output_dirs import OWNER_MARKER
-from distributed_peft.training.reproduce import PREBUILT_DIR
 
 BIN = Path(sys.executable).parent
 WEIGHTS = "adapter_model.safetensors"

@@ -21,7 +21,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from distributed_peft.adapters.metric_table import COUNT_METRICS
 from distributed_peft.adapters.model_cards import render_adapter_card, write_model_card
-from distributed_peft.training.reproduce import PREBUILT_DIR
+from distributed_peft.constants import PREBUILT_DIR
 
 PLANTED = {
     "HF_TOKEN": "hf_PlantedTokenForTheCardTest0123456789abcd",

@@ -17,6 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
 from distributed_peft.adapters.metric_table import COUNT_METRICS, metrics_table
+from distributed_peft.constants import ADAPTER_CONFIG, ADAPTER_METADATA
 from distributed_peft.modeling.loading import portable_base_name
 from distributed_peft.runtime.atomic_files import atomic_write_text
 from distributed_peft.runtime.redaction import redact, redact_values
@@ -122,7 +123,7 @@ def eval_results(metadata: dict[str, Any], results: dict[str, Any]) -> list[Eval
 
 
 def _peft_version(directory: Path) -> str | None:
-    config = directory / "adapter_config.json"
+    config = directory / ADAPTER_CONFIG
     if not config.is_file():
         return None
     return json.loads(config.read_text()).get("peft_version")
@@ -228,7 +229,7 @@ def render_adapter_card(directory: str | Path) -> Path:
     """Rewrite README.md of an adapter directory (a run's adapter or a shipped one) from its recorded files:
     dpeft_adapter.json, and metrics.json when there is one (else the evaluation the metadata records)."""
     directory = Path(directory)
-    recorded = json.loads((directory / "dpeft_adapter.json").read_text())
+    recorded = json.loads((directory / ADAPTER_METADATA).read_text())
     metrics = directory / "metrics.json"
     results = json.loads(metrics.read_text()) if metrics.is_file() else recorded.get("eval")
     write_model_card(directory / CARD, recorded, results)

@@ -9,14 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from distributed_peft.constants import ADAPTER_CONFIG, ADAPTER_METADATA, ADAPTER_WEIGHTS
 from distributed_peft.errors import AdapterError, StorageError
 from distributed_peft.modeling.loading import BaseIdentity, portable_base_name
 from distributed_peft.runtime.atomic_files import TMP_PREFIX, atomic_directory
 from distributed_peft.runtime.output_dirs import LOCK_FILE, OWNER_MARKER, check_output_dir, claim_output_dir
 
-ADAPTER_METADATA = "dpeft_adapter.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 MERGED_METADATA = "dpeft_merged.json"  # marks a dpeft-merge output: what was merged, onto which base
 ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_METADATA)
 # What commands read from dpeft_adapter.json: top-level keys with their JSON type, and the keys of the nested objects

@@ -21,8 +21,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from distributed_peft.cli.help import print_only, report_user_error
-from distributed_peft.cli.preflight import check_overrides
-from distributed_peft.config import CONF_SEARCH_PATH, register_configs, validate
+from distributed_peft.cli.preflight import check_overrides, validate_run
+from distributed_peft.config import register_configs
+from distributed_peft.constants import CONF_SEARCH_PATH
 from distributed_peft.data.prompts import literal_overrides
 from distributed_peft.errors import USER_ERROR_EXIT_CODE, DpeftError
 
@@ -49,7 +50,7 @@ def per_job_output_dir(argv: list[str]) -> list[str]:
 
 
 def hydra_app(
-    prog: str, config_name: str = "config", validator: Callable[[DictConfig], None] = validate
+    prog: str, config_name: str = "config", validator: Callable[[DictConfig], None] = validate_run
 ) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """Turn `fn(cfg)` into a console-script entry point: preflight check, then `@hydra.main` over the shipped conf."""
 

@@ -11,7 +11,8 @@ from types import ModuleType
 from omegaconf import DictConfig
 
 from distributed_peft.cli.app import hydra_app
-from distributed_peft.config import PROJECT_ROOT, validate_bench
+from distributed_peft.config import validate_bench
+from distributed_peft.constants import PROJECT_ROOT
 from distributed_peft.errors import ConfigError
 
 

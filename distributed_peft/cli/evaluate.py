@@ -7,10 +7,10 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from distributed_peft.adapters.storage import ADAPTER_METADATA
 from distributed_peft.cli.app import hydra_app
 from distributed_peft.cli.preflight import split_config_flags
 from distributed_peft.config import group_options
+from distributed_peft.constants import ADAPTER_METADATA
 from distributed_peft.errors import ConfigError
 from distributed_peft.evaluation.evaluator import parse_user_overrides, plan_evaluation, run_evaluation
 

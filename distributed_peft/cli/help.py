@@ -12,7 +12,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from distributed_peft.cli.preflight import check_overrides, take_flags
-from distributed_peft.config import CONF_DIR, CONF_SEARCH_PATH, group_options
+from distributed_peft.config import group_options
+from distributed_peft.constants import CONF_DIR, CONF_SEARCH_PATH
 from distributed_peft.data.prompts import literal_overrides
 from distributed_peft.errors import USER_ERROR_EXIT_CODE, ConfigError, DpeftError
 

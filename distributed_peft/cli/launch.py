@@ -36,7 +36,8 @@ from omegaconf import DictConfig
 
 from distributed_peft.cli.help import print_only, report_user_error
 from distributed_peft.cli.preflight import check_overrides
-from distributed_peft.config import HOST_PATTERN, PACKAGE_DIR
+from distributed_peft.config import HOST_PATTERN
+from distributed_peft.constants import PACKAGE_DIR
 from distributed_peft.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError, DpeftError
 from distributed_peft.runtime.output_dirs import ClaimedDir, check_not_locked, check_output_dir
 

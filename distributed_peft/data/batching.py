@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 
 from distributed_peft.data.task_data import IGNORE_INDEX, collate_padded
 
-PACKING_MODES = ("none", "group_by_length", "padding_free")
 MEGABATCH_FACTOR = 50  # group_by_length sorts inside random windows of 50 batches, as transformers' sampler does
 
 

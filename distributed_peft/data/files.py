@@ -3,7 +3,8 @@
 Numbers and booleans become text (as the file writes them where it can: `1.50` stays `1.50`, a csv cell `007` stays
 `007`); lists, objects and nulls are refused in one line naming the line (jsonl, csv, tsv), the record index (json)
 or the row index (parquet) and the column; a null in an optional column reads as empty text. A UTF-8 byte-order
-mark is skipped. No torch here: config validation reads a file's columns through `column_names` in milliseconds.
+mark is skipped. No torch here: `check_data_file` adds the file's columns to config validation's one report in
+milliseconds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
+from distributed_peft.config import data_file
 from distributed_peft.errors import DataError
 
 _MISSING = object()  # a record without the column
@@ -220,3 +224,27 @@ def column_names(path: Path, fmt: str) -> list[str]:
         except (OSError, ValueError) as error:
             raise BadData(f"cannot be read as parquet: {str(error).strip().splitlines()[0]}") from error
     raise BadData(f"format {fmt!r} is not supported; allowed: jsonl, json, csv, tsv, parquet")
+
+
+def check_data_file(cfg: DictConfig, problems: list[str]) -> None:
+    """Append a line when the task's local data file (task.data.path or the bundled sample) cannot be read, holds no
+    record, or lacks a column task.data.columns maps; a check for `config.validate(cfg, checks=...)`."""
+    data = cfg.task.data
+    located = data_file(data)
+    if located is None:  # the hub, or a location config validation already reports
+        return
+    path, fmt = located
+    try:
+        columns = column_names(path, fmt)
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        problems.append(f"task.data.path={str(path)!r} cannot be read as {fmt}: {exc}")
+        return
+    if not columns:
+        problems.append(f"task.data.path={str(path)!r} holds no record; allowed: a {fmt} file with at least one record")
+        return
+    missing = sorted({column for column in data.columns.values() if column not in columns})
+    if missing:
+        problems.append(
+            f"task.data.path={str(path)!r} lacks column(s) {', '.join(missing)}; "
+            f"allowed: its columns {', '.join(columns)} (map them with task.data.columns.FIELD=COLUMN)"
+        )

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from distributed_peft.config import SAMPLE_DATA_DIR, resolve_data_format, resolve_data_source
+from distributed_peft.config import resolve_data_format, resolve_data_source
+from distributed_peft.constants import SAMPLE_DATA_DIR
 from distributed_peft.data.files import read_text_columns
 from distributed_peft.data.prompts import encode_prompt, format_completion, format_prompt, optional_fields
 from distributed_peft.errors import DataError

@@ -8,7 +8,6 @@ dpeft-eval output_dir=runs/detox-tiny-llama                  # the adapter of th
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from distributed_peft.evaluation.generation import generate_completions, prompt_
 from distributed_peft.evaluation.inference import evaluation_mode, progress
 from distributed_peft.evaluation.metrics import score_all
 from distributed_peft.modeling.objective import completion_token_stats
+from distributed_peft.runtime.output_dirs import RUNS_DIR, new_report_dir
 
 
 def evaluate_loss(model, loader, accelerator, stop=None, desc: str | None = None) -> dict[str, float]:
@@ -85,9 +85,6 @@ def evaluate_base_and_adapter(model, loader, accelerator, cfg: DictConfig, token
         for i, e in enumerate(shown)
     ]
     return results
-
-
-RUNS_DIR = Path("runs")  # where a dpeft-eval without output_dir= writes its reports, in a new directory
 
 
 @dataclass
@@ -150,6 +147,7 @@ def plan_evaluation(cfg: DictConfig, overrides: Sequence[str]) -> EvaluationPlan
     """Resolve the adapter, the data and the output directory of dpeft-eval, and check them; load nothing heavy."""
     from distributed_peft.adapters.storage import read_adapter_metadata
     from distributed_peft.config import load_recorded_config, validate
+    from distributed_peft.data.files import check_data_file
     from distributed_peft.runtime.output_dirs import check_output_dir
 
     parsed = parse_user_overrides(overrides)
@@ -182,17 +180,8 @@ def plan_evaluation(cfg: DictConfig, overrides: Sequence[str]) -> EvaluationPlan
         check_output_dir(output_dir)  # before validate's write probe: a directory of the user's files stays untouched
     checked = cfg.copy()  # this command's settings, checked with the task it will evaluate and where it will write
     checked.task, checked.adapter, checked.output_dir = run_cfg.task, None, str(output_dir or RUNS_DIR)
-    validate(checked)
+    validate(checked, checks=[check_data_file])
     return EvaluationPlan(adapter_dir, metadata, run_cfg, whole_file, output_dir)
-
-
-def new_report_dir(task_name: str, root: Path = RUNS_DIR) -> Path:
-    """runs/eval-<task>-<YYYYmmdd-HHMMSS>, with -2, -3... when that exists already."""
-    stem = f"eval-{re.sub(r'[^A-Za-z0-9._-]+', '-', task_name)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, n = root / stem, 2
-    while path.exists():
-        path, n = root / f"{stem}-{n}", n + 1
-    return path
 
 
 def _whole_file_examples(run_cfg: DictConfig, tokenizer) -> tuple[list[dict[str, Any]], Any]:

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from distributed_peft.config import PACKAGE_DIR, load_recorded_config
+from distributed_peft.config import load_recorded_config
+from distributed_peft.constants import ADAPTER_WEIGHTS, PREBUILT_DIR
 from distributed_peft.data.prompts import check_not_empty, generation_prompt_ids, task_record
 from distributed_peft.data.prompts import prompt_ids as task_prompt_ids
 from distributed_peft.evaluation.inference import evaluation_mode, progress
@@ -111,4 +112,4 @@ def generate_with_adapters(cfg: DictConfig) -> dict[str, dict[str, str]]:
 
 def default_adapters() -> list[str]:
     """Every adapter shipped in adapters_prebuilt/."""
-    return sorted(str(p.parent) for p in (PACKAGE_DIR / "adapters_prebuilt").glob("*/adapter_model.safetensors"))
+    return sorted(str(p.parent) for p in PREBUILT_DIR.glob(f"*/{ADAPTER_WEIGHTS}"))

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
-from distributed_peft.config import SAMPLE_DATA_DIR
+from distributed_peft.constants import SAMPLE_DATA_DIR
 from distributed_peft.errors import ConfigError, StorageError
 
 BASE_METADATA = "dpeft_base.json"

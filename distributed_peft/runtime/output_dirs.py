@@ -5,6 +5,10 @@ or only what our commands write, from before the marker existed). A directory ho
 home directory, a user's files) is refused in one line before anything is written. A run holds an exclusive lock on
 its directory (`flock`, released by the OS when the process dies, even by kill -9); a second run into it stops at
 once, naming the holder's PID. A failed run removes only what it created.
+
+Where a command writes when the user names no directory: runs/<name> (`run_dir`); under a Hydra multirun each job's
+own directory in the sweep's (`default_output_dir`); a dpeft-eval report in a new runs/eval-<task>-<time>
+(`new_report_dir`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -20,8 +25,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distributed_peft.constants import METRICS_FILE
 from distributed_peft.errors import StorageError
 from distributed_peft.runtime.atomic_files import TMP_PREFIX
+
+RUNS_DIR = Path("runs")  # every default output directory lies in it, relative to the working directory
 
 OWNER_MARKER = ".dpeft-owner.json"
 LOCK_FILE = ".dpeft.lock"
@@ -34,7 +42,7 @@ OUR_ENTRIES = {
     "checkpoints",
     "config.yaml",
     "split.json",
-    "metrics.jsonl",
+    METRICS_FILE,
     "eval.json",
     "eval.md",
     "loss.png",
@@ -51,6 +59,31 @@ OUR_ENTRIES = {
     "bench_scaling.md",
 }
 _LEGACY_SIGNS = {"config.yaml", "adapter", "checkpoints", "bench.json", "bench_scaling.json"}
+
+
+def run_dir(name: str) -> str:
+    """runs/<name>: the directory a command writes into when the user names none."""
+    return f"{RUNS_DIR}/{name}"
+
+
+def default_output_dir(name: str) -> str:
+    """runs/<name>; in a Hydra multirun (-m) each job's own directory under the sweep's, so no two jobs share one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        sweep = HydraConfig.get().sweep
+        return str(Path(sweep.dir) / str(sweep.subdir))
+    return run_dir(name)
+
+
+def new_report_dir(task_name: str, root: Path = RUNS_DIR) -> Path:
+    """runs/eval-<task>-<YYYYmmdd-HHMMSS>, with -2, -3... when that exists already."""
+    stem = f"eval-{re.sub(r'[^A-Za-z0-9._-]+', '-', task_name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = root / stem, 2
+    while path.exists():
+        path, n = root / f"{stem}-{n}", n + 1
+    return path
 
 
 def foreign_entries(directory: Path) -> list[str]:

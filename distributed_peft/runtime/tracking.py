@@ -17,10 +17,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from distributed_peft.constants import METRICS_FILE
 from distributed_peft.runtime.atomic_files import atomic_write_text
 from distributed_peft.runtime.redaction import redact
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class RunLog:

@@ -150,7 +150,8 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def data_identity(cfg: DictConfig) -> dict[str, Any]:
     """Where the training examples come from and, for a file, its size and content hash."""
-    from distributed_peft.config import SAMPLE_DATA_DIR, resolve_data_source
+    from distributed_peft.config import resolve_data_source
+    from distributed_peft.constants import SAMPLE_DATA_DIR
 
     data = cfg.task.data
     source = resolve_data_source(data)

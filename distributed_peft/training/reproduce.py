@@ -22,10 +22,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distributed_peft.config import CONF_DIR, PACKAGE_DIR, TaskConfig, load_recorded_config, unknown_keys
+from distributed_peft.config import TaskConfig, load_recorded_config, unknown_keys
+from distributed_peft.constants import ADAPTER_CONFIG, ADAPTER_METADATA, ADAPTER_WEIGHTS, CONF_DIR, PREBUILT_DIR
 from distributed_peft.errors import ConfigError, DpeftError, Preempted
+from distributed_peft.runtime.output_dirs import run_dir
 
-PREBUILT_DIR = PACKAGE_DIR / "adapters_prebuilt"  # shipped in the package (adapters_prebuilt/ in a checkout)
 # Absolute tolerance per metric: retraining on another CPU reorders float sums, so the base and the adapter differ
 # in the last bits and greedy decoding can flip a few tokens; the loss moves little, generation metrics more.
 TOLERANCES = {
@@ -39,9 +40,9 @@ TOLERANCES = {
     "execution_accuracy": 5.0,
 }
 PREBUILT_FILES = (
-    "adapter_model.safetensors",
-    "adapter_config.json",
-    "dpeft_adapter.json",
+    ADAPTER_WEIGHTS,
+    ADAPTER_CONFIG,
+    ADAPTER_METADATA,
     "tokenizer.json",
     "tokenizer_config.json",
 )
@@ -105,7 +106,7 @@ class ReproduceConfig:
 
     task: Optional[TaskConfig] = None  # task=NAME: the shipped adapter of that task; null: every shipped adapter
     prebuilt: Optional[str] = None  # another prebuilt adapter directory (config.yaml, metrics.json, adapter files)
-    output_dir: str = "runs/reproduce"  # one run directory per task in it, and reproduce.md
+    output_dir: str = run_dir("reproduce")  # one run directory per task in it, and reproduce.md
 
 
 ConfigStore.instance().store(name="reproduce_config", node=ReproduceConfig)  # conf/reproduce.yaml starts from it
@@ -219,8 +220,8 @@ def reproduce(source: Path, output_root: Path) -> tuple[list[dict[str, Any]], di
         cfg.training.resume = "false"
     reproduced = run_training(cfg)  # else an interrupted one (SIGTERM, exit 75) resumes from its checkpoint
     prebuilt = json.loads((source / "metrics.json").read_text())
-    recorded = json.loads((source / "dpeft_adapter.json").read_text())["base"]["fingerprint"]
-    rebuilt = json.loads((Path(cfg.output_dir) / "adapter" / "dpeft_adapter.json").read_text())["base"]["fingerprint"]
+    recorded = json.loads((source / ADAPTER_METADATA).read_text())["base"]["fingerprint"]
+    rebuilt = json.loads((Path(cfg.output_dir) / "adapter" / ADAPTER_METADATA).read_text())["base"]["fingerprint"]
     return compare(prebuilt["adapter"], reproduced["adapter"]), {"recorded": recorded, "rebuilt": rebuilt}
 
 

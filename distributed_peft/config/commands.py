@@ -1,0 +1,148 @@
+"""The schemas of the commands that do not train (dpeft-generate, dpeft-merge, dpeft-explore, dpeft-bench), each
+with the check its entry point runs before anything loads."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from distributed_peft.config.checks import Choice, check, check_choice, unknown_keys
+from distributed_peft.config.model import ModelConfig
+from distributed_peft.config.root import group_options
+from distributed_peft.constants import CONF_DIR
+from distributed_peft.errors import ConfigError, DpeftError
+from distributed_peft.runtime.output_dirs import check_output_dir, run_dir
+
+HOST_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[?[0-9A-Fa-f:.]+\]?")  # a host name or IP
+
+
+class Device(Choice):
+    AUTO = "auto"  # cuda when available, else cpu
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class BenchVariant(Choice):
+    """dpeft-bench's variants, on the same job: TRL's SFTTrainer padded (the baseline) and padding-free, and ours."""
+
+    TRL_PADDED = "trl_padded"
+    OURS_PADDED = "ours_padded"
+    OURS_GROUP_BY_LENGTH = "ours_group_by_length"
+    OURS_PADDING_FREE = "ours_padding_free"
+    TRL_PADDING_FREE = "trl_padding_free"
+
+
+@dataclass
+class GenerateConfig:
+    """dpeft-generate: one base, several adapters, the same input through each."""
+
+    adapters: list[str] = field(default_factory=list)  # empty: every adapter in adapters_prebuilt/
+    prompt: str = "???"  # fills each task's main input field (detox: toxic, sql: question, instruct: instruction)
+    inputs: dict[str, str] = field(default_factory=dict)  # other fields: +inputs.context='CREATE TABLE ...'
+    max_new_tokens: int = 64
+    allow_base_mismatch: bool = False
+
+
+@dataclass
+class MergeConfig:
+    """dpeft-merge: an adapter merged into a full-precision copy of its base, saved as a plain transformers model."""
+
+    adapter: str = "???"
+    output: str = "???"
+    allow_base_mismatch: bool = False
+
+
+@dataclass
+class ExploreConfig:
+    """dpeft-explore: a web page that puts every adapter beside the base they share, loaded once."""
+
+    adapters: list[str] = field(default_factory=list)  # empty: every adapter in adapters_prebuilt/
+    model: Optional[ModelConfig] = None  # `model=NAME`: the base to load; null: the base the adapters record
+    host: str = "127.0.0.1"  # 0.0.0.0 to serve other machines
+    port: int = 7860
+    device: str = "auto"  # auto: cuda when available, else cpu
+    max_new_tokens: int = 64  # the page's default; requests may ask for up to max_new_tokens_limit
+    max_new_tokens_limit: int = 256
+    examples_per_task: int = 5  # validation examples offered per task
+    allow_base_mismatch: bool = False
+
+
+@dataclass
+class BenchConfig:
+    """dpeft-bench: our packing against TRL's SFTTrainer on the same tiny-llama QLoRA job (benchmark.py)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["detox", "instruct"])
+    repeats: int = 3  # every variant, interleaved with the others
+    examples: int = 400  # per task, train + validation
+    variants: list[str] = field(default_factory=BenchVariant.values)  # trl_padded always runs
+    output_dir: str = run_dir("bench")  # bench.json, bench.md
+
+
+def validate_bench(cfg: DictConfig) -> None:
+    problems = unknown_keys(cfg, BenchConfig)
+    bundled = [
+        t for t in group_options("task") if OmegaConf.load(CONF_DIR / "task" / f"{t}.yaml").data.get("sample_file")
+    ]
+    allowed = f"{', '.join(bundled)} (the tasks with bundled data)"
+    check(problems, len(cfg.tasks) > 0, "tasks", list(cfg.tasks), f"a non-empty list of: {allowed}")
+    for task in cfg.tasks:
+        if task not in bundled:
+            problems.append(f"tasks: {task!r} is not a task dpeft-bench runs; allowed: {allowed}")
+    check(problems, len(cfg.variants) > 0, "variants", list(cfg.variants), "a non-empty list")
+    for variant in cfg.variants:
+        if variant not in BenchVariant.values():
+            problems.append(f"variants: {variant!r} is not a variant; allowed: {', '.join(BenchVariant.values())}")
+    check(problems, cfg.repeats >= 1, "repeats", cfg.repeats, "an integer >= 1")
+    check(problems, cfg.examples >= 2, "examples", cfg.examples, "an integer >= 2 (one to train on, one to evaluate)")
+    try:  # known before an hour of runs
+        check_output_dir(cfg.output_dir)
+    except DpeftError as error:
+        problems.extend(error.problems)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _check_adapter_dirs(cfg: DictConfig, problems: list[str]) -> None:
+    for adapter in cfg.adapters:
+        if not Path(adapter).is_dir():
+            problems.append(f"adapters: {adapter!r} is not a directory; allowed: adapter directories")
+
+
+def validate_generate(cfg: DictConfig) -> None:
+    problems = unknown_keys(cfg, GenerateConfig)
+    _check_adapter_dirs(cfg, problems)
+    check(problems, cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "an integer >= 1")
+    if problems:
+        raise ConfigError(problems)
+
+
+def validate_explore(cfg: DictConfig) -> None:
+    problems = unknown_keys(cfg, ExploreConfig)
+    _check_adapter_dirs(cfg, problems)
+    check(problems, 0 < cfg.port < 65536, "port", cfg.port, "a TCP port in [1, 65535]")
+    host_ok = bool(HOST_PATTERN.fullmatch(cfg.host))
+    check(problems, host_ok, "host", cfg.host, "a host name or IP address such as 127.0.0.1 or 0.0.0.0")
+    check_choice(problems, "device", cfg.device, Device)
+    check(problems, cfg.max_new_tokens_limit >= 1, "max_new_tokens_limit", cfg.max_new_tokens_limit, "an integer >= 1")
+    check(
+        problems,
+        1 <= cfg.max_new_tokens <= cfg.max_new_tokens_limit,
+        "max_new_tokens",
+        cfg.max_new_tokens,
+        f"in [1, {cfg.max_new_tokens_limit}] (max_new_tokens_limit)",
+    )
+    check(problems, cfg.examples_per_task >= 1, "examples_per_task", cfg.examples_per_task, "an integer >= 1")
+    if problems:
+        raise ConfigError(problems)
+
+
+def validate_merge(cfg: DictConfig) -> None:
+    problems = unknown_keys(cfg, MergeConfig)
+    if not Path(cfg.adapter).is_dir():
+        problems.append(f"adapter={cfg.adapter!r} is not a directory; allowed: an adapter directory")
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,84 @@
+"""The `model` group: the base model (hub id, local directory or an embedded base built here) and its LoRA targets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from distributed_peft.config.checks import Choice, check, check_choice
+
+
+class ModelFamily(Choice):
+    LLAMA = "llama"
+    BLOOM = "bloom"
+    MISTRAL = "mistral"
+
+
+class Dtype(Choice):
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+@dataclass
+class EmbeddedBaseConfig:
+    """Shape and pretraining of a tiny base built locally by `dpeft-build-base` (no hub needed)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    seed: int = 0
+    pretrain_steps: int = 300
+    pretrain_batch_size: int = 16
+    pretrain_seq_len: int = 128
+    pretrain_lr: float = 3e-3
+
+
+@dataclass
+class ModelConfig:
+    name: str = "???"
+    family: str = "???"
+    name_or_path: str = "???"  # hub id, local dir, or the embedded base's name
+    embedded: bool = False
+    context_length: int = 2048
+    torch_dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    lora_target_modules: list[str] = field(default_factory=list)
+    trust_remote_code: bool = False
+    base: Optional[EmbeddedBaseConfig] = None
+
+
+def _check_embedded_base(base: DictConfig, problems: list[str]) -> None:
+    """The shape of an embedded base (model.base.*) must build: positive sizes, heads that divide the width."""
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "pretrain_batch_size", "pretrain_seq_len"):  # fmt: skip
+        check(problems, base[key] >= 1, f"model.base.{key}", base[key], "an integer >= 1")
+    check(problems, base.pretrain_steps >= 0, "model.base.pretrain_steps", base.pretrain_steps, "an integer >= 0")
+    check(problems, 0 < base.pretrain_lr <= 1, "model.base.pretrain_lr", base.pretrain_lr, "> 0 and <= 1")
+    if base.num_heads >= 1 and base.hidden_size >= 1 and base.hidden_size % base.num_heads:
+        problems.append(
+            f"model.base.hidden_size={base.hidden_size!r} is invalid; it must be a multiple of model.base.num_heads "
+            f"({base.num_heads})"
+        )
+    if base.num_kv_heads >= 1 and base.num_heads >= 1 and base.num_heads % base.num_kv_heads:
+        problems.append(
+            f"model.base.num_kv_heads={base.num_kv_heads!r} is invalid; it must divide model.base.num_heads "
+            f"({base.num_heads})"
+        )
+
+
+def check_model(cfg: DictConfig, problems: list[str]) -> None:
+    model = cfg.model
+    check_choice(problems, "model.family", model.family, ModelFamily)
+    check_choice(problems, "model.torch_dtype", model.torch_dtype, Dtype)
+    check(problems, model.context_length > 0, "model.context_length", model.context_length, "> 0")
+    if model.embedded and model.base is None:
+        problems.append(f"model.base=None is invalid for embedded model {model.name!r}; it must describe its shape")
+    if model.base is not None:
+        _check_embedded_base(model.base, problems)
