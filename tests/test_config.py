@@ -232,3 +232,23 @@ def test_a_users_task_from_their_config_dir_trains_from_their_file(tmp_path, mon
     recorded = (tmp_path / "run" / "config.yaml").read_text()
     assert "name: reviews" in recorded and "Review: {review}" in recorded
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_one_rule_names_every_default_directory(tmp_path, monkeypatch):
+    """runs/<task>-<model> for a run, runs/bench and runs/reproduce, and a new runs/eval-<task>-<time>-N per report."""
+    from distributed_peft.config import BenchConfig, Config
+    from distributed_peft.runtime.output_dirs import RUNS_DIR, default_output_dir, new_report_dir, run_dir
+    from distributed_peft.training.reproduce import ReproduceConfig
+
+    assert str(RUNS_DIR) == "runs"
+    assert Config().output_dir == "runs/${task.name}-${model.name}"
+    assert (BenchConfig().output_dir, ReproduceConfig().output_dir) == ("runs/bench", "runs/reproduce")
+    assert run_dir("x") == default_output_dir("x") == "runs/x"  # not in a multirun
+    assert compose_config(["task=sql", "model=tiny-bloom"]).output_dir == "runs/sql-tiny-bloom"
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("distributed_peft.runtime.output_dirs.time.strftime", lambda _: "20240102-030405")
+    first = new_report_dir("my task/1")
+    assert first == Path("runs/eval-my-task-1-20240102-030405")
+    first.mkdir(parents=True)
+    assert new_report_dir("my task/1") == Path("runs/eval-my-task-1-20240102-030405-2")

@@ -276,3 +276,54 @@ def test_bench_into_a_foreign_directory_is_refused_before_any_run(monkeypatch, t
         "was touched; allowed: a new or empty directory, or one made by a distributed-peft command"
     ]
     assert snapshot(tmp_path) == before
+
+
+def test_config_and_data_file_problems_come_in_one_report_and_config_alone_reads_no_file(tmp_path):
+    """The data file's columns are data/'s check, added to validate's report; config itself never opens the file."""
+    from distributed_peft.config import validate
+    from distributed_peft.data.files import check_data_file
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "a", "clean": "b"}\n')
+    cfg = compose_config(["task=detox", f"output_dir={tmp_path / 'run'}"])
+    cfg.task.data.source, cfg.task.data.path, cfg.training.packing = "local", str(data), "bogus"
+
+    with pytest.raises(ConfigError) as config_only:
+        validate(cfg)
+    assert config_only.value.problems == [
+        "training.packing='bogus' is not allowed; allowed: none, group_by_length, padding_free"
+    ]
+    with pytest.raises(ConfigError) as both:
+        validate(cfg, checks=[check_data_file])
+    columns = sorted(set(cfg.task.data.columns.values()))
+    assert both.value.problems == [
+        "training.packing='bogus' is not allowed; allowed: none, group_by_length, padding_free",
+        f"task.data.path={str(data)!r} lacks column(s) {', '.join(columns)}; allowed: its columns text, clean "
+        "(map them with task.data.columns.FIELD=COLUMN)",
+    ]
+
+
+def test_every_choice_is_refused_in_one_line_naming_the_enum_values(tmp_path):
+    from distributed_peft.config import DistributedStrategy, Dtype, MixedPrecision, PackingMode, TaskMetric
+
+    cfg_args = [
+        "distributed.strategy=zero9",
+        "model.torch_dtype=int3",
+        "training.mixed_precision=fp8",
+        "training.packing=tight",
+        "task.metrics=[chrf,perplexity]",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    with pytest.raises(ConfigError) as error:
+        compose_config(cfg_args)
+    assert error.value.problems[:5] == [
+        "model.torch_dtype='int3' is not allowed; allowed: auto, float32, bfloat16, float16",
+        "distributed.strategy='zero9' is not allowed; allowed: auto, ddp, zero2, zero3, zero3_offload, fsdp",
+        "training.packing='tight' is not allowed; allowed: none, group_by_length, padding_free",
+        "training.mixed_precision='fp8' is not allowed; allowed: auto, no, bf16, fp16",
+        "task.metrics='perplexity' is not allowed; allowed: exact_match, execution_accuracy, bleu, chrf, rouge_l, "
+        "toxic_share",
+    ]
+    assert Dtype.values() == ["auto", "float32", "bfloat16", "float16"]
+    assert "zero3" in DistributedStrategy.values() and "padding_free" in PackingMode.values()
+    assert MixedPrecision("bf16") is MixedPrecision.BF16 and TaskMetric.CHRF == "chrf"
