@@ -14,10 +14,10 @@ import torch
 from conftest import PROJECT_ROOT, compose_config
 
 from distributed_peft.adapters.storage import load_base_with_adapters, merge_adapter
+from distributed_peft.constants import PREBUILT_DIR
 from distributed_peft.errors import AdapterError
 from distributed_peft.evaluation.generation import generate_with_adapters
 from distributed_peft.training.recipe import run_training
-from distributed_peft.training.reproduce import PREBUILT_DIR
 
 QUICK = [
     "training=demo",

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT_ROOT, compose_config
 
-from distributed_peft.training.reproduce import PREBUILT_DIR
+from distributed_peft.constants import PREBUILT_DIR
 
 BIN = Path(sys.executable).parent
 ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"
