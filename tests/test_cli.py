@@ -22,10 +22,19 @@ def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return proc
 
 
+SQL_RUN = ["task=sql", "model=tiny-bloom", "peft=qlora", *QUICK]
+
+
+@pytest.fixture(scope="module")
+def console_script_run(tmp_path_factory, bases) -> tuple[Path, subprocess.CompletedProcess]:
+    """One `dpeft-train` run, read by both tests below."""
+    out = tmp_path_factory.mktemp("console") / "sql"
+    return out, run([str(BIN / "dpeft-train"), *SQL_RUN, f"output_dir={out}"])
+
+
 @pytest.mark.slow
-def test_console_script_trains_and_dpeft_eval_reproduces_it(tmp_path, bases):
-    out = tmp_path / "sql"
-    proc = run([str(BIN / "dpeft-train"), "task=sql", "model=tiny-bloom", "peft=qlora", *QUICK, f"output_dir={out}"])
+def test_console_script_trains_and_dpeft_eval_reproduces_it(console_script_run):
+    out, proc = console_script_run
     assert "effective batch 8 = micro batch 8 x gradient accumulation 1 x world size 1" in proc.stdout
     assert f"adapter: {out / 'adapter'}" in proc.stdout
     noise = ("kernels-community", "Setting accelerator to CPU", "FutureWarning")
@@ -33,37 +42,27 @@ def test_console_script_trains_and_dpeft_eval_reproduces_it(tmp_path, bases):
         "a normal run prints our progress and results, not third-party notices"
     )
     trained = json.loads((out / "eval.json").read_text())
-    (out / "eval.json").unlink()
-    proc = run([str(BIN / "dpeft-eval"), f"output_dir={out}"])  # the run's adapter, reports into that run
-    assert f"reports: {out / 'eval.md'}" in proc.stdout
-    evaluated = json.loads((out / "eval.json").read_text())
+    evaluated_dir = out.parent / "evaluated"
+    shutil.copytree(out, evaluated_dir)  # the fixture's run stays as trained for the next test
+    (evaluated_dir / "eval.json").unlink()
+    proc = run([str(BIN / "dpeft-eval"), f"output_dir={evaluated_dir}"])  # the run's adapter, reports into that run
+    assert f"reports: {evaluated_dir / 'eval.md'}" in proc.stdout
+    evaluated = json.loads((evaluated_dir / "eval.json").read_text())
     assert abs(evaluated["adapter"]["loss"] - trained["adapter"]["loss"]) < 1e-4
-    assert "| loss |" in (out / "eval.md").read_text()
+    assert "| loss |" in (evaluated_dir / "eval.md").read_text()
 
 
 @pytest.mark.slow
-def test_python_dash_m_and_accelerate_launch_run_the_same_module(tmp_path, bases):
+def test_accelerate_launch_runs_the_same_module_as_the_console_script(console_script_run, tmp_path):
+    """`accelerate launch -m distributed_peft.cli.train` (so `python -m`) is dpeft-train: same seed, same adapter."""
     accelerate = shutil.which("accelerate", path=str(BIN))
-    module = [sys.executable, "-m", "distributed_peft.cli.train"]
-    launched = [
-        accelerate,
-        "launch",
-        "--cpu",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "distributed_peft.cli.train",
+    launched = [accelerate, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
+                "no", "--dynamo_backend", "no", "-m", "distributed_peft.cli.train"]  # fmt: skip
+    run([*launched, *SQL_RUN, f"output_dir={tmp_path / 'launched'}"])
+    losses = [
+        json.loads((d / "eval.json").read_text())["adapter"]["loss"]
+        for d in (console_script_run[0], tmp_path / "launched")
     ]
-    losses = []
-    for name, prefix in [("module", module), ("launched", launched)]:
-        run([*prefix, "task=detox", "model=tiny-llama", "peft=lora", *QUICK, f"output_dir={tmp_path / name}"])
-        losses.append(json.loads((tmp_path / name / "eval.json").read_text())["adapter"]["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5), "the same seed must give the same adapter either way"
 
 

@@ -3,6 +3,7 @@ changed run, one run per directory, and no command writes into (or deletes) a di
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -131,9 +132,8 @@ def test_grouped_micro_batches_weigh_tokens_across_the_window(tmp_path, bases):
         recipe = FinetuneRecipe(cfg)
         recipe.setup()
         rows = sorted(recipe.data.train[:8], key=lambda e: len(e["input_ids"]))
-        pad = recipe.tokenizer.pad_token_id
         size = 8 // windows_of
-        window = [collate_padded(rows[i : i + size], pad) for i in range(0, 8, size)]
+        window = [collate_padded(rows[i : i + size], recipe.tokenizer) for i in range(0, 8, size)]
         recipe.model.train()
         recipe.position = (0, 0)
         metrics = recipe.train_step(window)
@@ -177,14 +177,16 @@ def sigterm_guard():
     [
         ("distributed_peft.data.task_data.prepare_task_data", "loading and tokenizing the data"),
         ("distributed_peft.evaluation.evaluator.evaluate_base_and_adapter", "evaluating the adapter against the base"),
-        ("distributed_peft.evaluation.generation.generate_completions", "evaluating the adapter against the base"),
+        ("distributed_peft.evaluation.evaluator.generate_completions", "evaluating the adapter against the base"),
     ],
 )
 def test_sigterm_stops_loading_evaluation_and_generation_at_once(
     target, phase, monkeypatch, tmp_path, bases, sigterm_guard
 ):
     module, name = target.rsplit(".", 1)
-    monkeypatch.setattr(sys.modules.get(module) or __import__(module, fromlist=[name]), name, sigterm_self_then(90))
+    original = getattr(importlib.import_module(module), name)
+    for holder in [m for m in list(sys.modules.values()) if getattr(m, name, None) is original]:
+        monkeypatch.setattr(holder, name, sigterm_self_then(90))  # wherever it was imported by name
     out = tmp_path / "run"
     started = time.monotonic()
     extra = ["training.max_steps=2", "evaluation.generate=true", "evaluation.max_generate_examples=2",
