@@ -80,14 +80,15 @@ def run_trl(cfg, out: Path, padding_free: bool) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     from distributed_peft.config import lora_targets
-    from distributed_peft.data.task_data import collate_padded, format_example, prepare_task_data
+    from distributed_peft.data.prompts import format_completion, format_prompt
+    from distributed_peft.data.task_data import collate_padded, prepare_task_data
     from distributed_peft.evaluation.evaluator import evaluate_loss
     from distributed_peft.modeling.loading import load_base_model, load_tokenizer, resolve_base
 
     path, _ = resolve_base(cfg.model)
     tokenizer = load_tokenizer(path)
     data = prepare_task_data(cfg, tokenizer, keep_train_text=True)
-    pairs = [format_example(e["record"], cfg.task) for e in data.train]
+    pairs = [(format_prompt(cfg.task, e["record"]), format_completion(cfg.task, e["record"])) for e in data.train]
     dataset = Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
     training = cfg.training
     warmup_steps = int(training.warmup_ratio * -(-len(pairs) // training.micro_batch_size))  # as our recipe counts
@@ -111,7 +112,7 @@ def run_trl(cfg, out: Path, padding_free: bool) -> dict[str, Any]:
     trainer.train()
     seconds = time.perf_counter() - start
     loader = torch.utils.data.DataLoader(
-        data.eval, batch_size=training.eval_batch_size, collate_fn=lambda b: collate_padded(b, tokenizer.pad_token_id)
+        data.eval, batch_size=training.eval_batch_size, collate_fn=lambda b: collate_padded(b, tokenizer)
     )
     eval_loss = evaluate_loss(trainer.model, loader, trainer.accelerator)["loss"]
     return {

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from conftest import compose_config
 
 from distributed_peft.data.batching import LengthAwareBatchSampler, collate_packed, model_inputs, train_loader
-from distributed_peft.data.task_data import collate_padded, prepare_task_data
+from distributed_peft.data.task_data import IGNORE_INDEX, collate_padded, prepare_task_data
 from distributed_peft.errors import ConfigError
 from distributed_peft.modeling.loading import attach_lora, load_base_model, load_tokenizer
 from distributed_peft.modeling.objective import completion_token_stats
@@ -24,7 +26,7 @@ def llama(bases):
         if "lora_B" in name:
             param.data.normal_(0, 0.02)
     data = prepare_task_data(compose_config(["task=instruct", "task.data.max_examples=40"]), tokenizer)
-    return model, data.train[:6]
+    return model, data.train[:6], tokenizer
 
 
 def loss_and_grads(model, batch):
@@ -36,11 +38,11 @@ def loss_and_grads(model, batch):
 
 
 def test_packed_batch_equals_the_sum_of_examples_run_one_by_one(llama):
-    model, examples = llama
+    model, examples, tokenizer = llama
     model.train()
     assert len({len(e["input_ids"]) for e in examples}) > 1, "examples of different lengths"
     packed_loss, packed_grads = loss_and_grads(model, collate_packed(examples))
-    single = [loss_and_grads(model, collate_padded([e], pad_token_id=0)) for e in examples]
+    single = [loss_and_grads(model, collate_padded([e], tokenizer)) for e in examples]
     total_loss = sum(loss for loss, _ in single)
     assert packed_loss.item() == pytest.approx(total_loss.item(), abs=1e-5 * max(1.0, abs(total_loss.item())))
     for name, grad in packed_grads.items():
@@ -50,7 +52,7 @@ def test_packed_batch_equals_the_sum_of_examples_run_one_by_one(llama):
 
 def test_packing_without_boundaries_would_leak_across_examples(llama):
     """Guard of the guard: the same row with one continuous position range (no restarts) gives another loss."""
-    model, examples = llama
+    model, examples, _ = llama
     packed = collate_packed(examples)
     leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1])[None]}
     leaky = {k: v for k, v in leaky.items() if not k.startswith(("cu_seq", "max_length"))}
@@ -83,33 +85,85 @@ def test_group_by_length_batches_similar_lengths_and_changes_each_epoch():
     assert first == again, "the same epoch iterated twice (accelerate's even_batches wrap) gives the same plan"
     grouped.set_epoch(1)
     assert list(grouped) != first, "a new order every epoch"
-    assert list(LengthAwareBatchSampler(lengths, seed=3, batch_size=8, group_by_length=True)) == list(
-        LengthAwareBatchSampler(lengths, seed=3, batch_size=8, group_by_length=True)), "seeded"  # fmt: skip
+    assert list(LengthAwareBatchSampler(lengths, seed=3, batch_size=8, group_by_length=True)) == first, "seeded"
+    assert list(LengthAwareBatchSampler(lengths, seed=4, batch_size=8, group_by_length=True)) != first, "by the seed"
 
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_token_budget_is_respected(packed):
     lengths = [int(x) for x in torch.randint(5, 100, (300,), generator=torch.Generator().manual_seed(2))]
-    sampler = LengthAwareBatchSampler(lengths, seed=0, tokens_per_batch=400, packed=packed)
-    for batch in sampler:
-        cost = sum(lengths[i] for i in batch) if packed else max(lengths[i] for i in batch) * len(batch)
-        assert cost <= 400 or len(batch) == 1
+    batches = list(LengthAwareBatchSampler(lengths, seed=0, tokens_per_batch=400, packed=packed))
+    assert sorted(i for batch in batches for i in batch) == list(range(300)), "every example once"
+
+    def cost(batch):
+        return sum(lengths[i] for i in batch) if packed else max(lengths[i] for i in batch) * len(batch)
+
+    assert all(cost(batch) <= 400 for batch in batches), "no example is over the budget alone"
+    for batch, following in pairwise(batches):
+        assert cost([*batch, following[0]]) > 400, "a batch closes only when the next example would not fit"
+    assert len(batches) < 300 // 2, "batches hold several examples"
 
 
-def test_train_loader_modes(bases):
+def rows_of(batch: dict) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each example in a batch: cut at the packed boundaries, or at the padding."""
+    if "cu_seq_lens_q" in batch:
+        bounds = batch["cu_seq_lens_q"].tolist()
+        ids, labels, positions = (batch[key][0].tolist() for key in ("input_ids", "labels", "position_ids"))
+        assert positions == [p for a, b in pairwise(bounds) for p in range(b - a)], "restart per example"
+        return [(ids[a:b], labels[a:b]) for a, b in pairwise(bounds)]
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    assert batch["attention_mask"].tolist() == [[1] * n + [0] * (batch["input_ids"].shape[1] - n) for n in lengths]
+    padded = zip(batch["input_ids"].tolist(), batch["labels"].tolist(), lengths, strict=True)
+    return [(ids[:n], labels[:n]) for ids, labels, n in padded]
+
+
+@pytest.mark.parametrize("packing", ["none", "group_by_length", "padding_free"])
+@pytest.mark.parametrize("tokens_per_batch", [None, 512])
+def test_train_loader_modes(packing, tokens_per_batch, bases):
     tokenizer = load_tokenizer(str(bases["tiny-llama"]))
-    cfg = compose_config(["task=detox", "training.packing=padding_free", "training.tokens_per_batch=512"])
+    overrides = ["task=detox", f"training.packing={packing}", "training.micro_batch_size=4"]
+    cfg = compose_config([*overrides, f"training.tokens_per_batch={tokens_per_batch or 'null'}"])
     data = prepare_task_data(cfg, tokenizer)
-    batches = list(train_loader(data.train, cfg, tokenizer.pad_token_id))
-    assert all(b["input_ids"].shape[0] == 1 and b["input_ids"].shape[1] <= 512 for b in batches)
-    assert sum(b["input_ids"].shape[1] for b in batches) == sum(len(e["input_ids"]) for e in data.train)
+    batches = list(train_loader(data.train, cfg, tokenizer))
+    rows = [row for batch in batches for row in rows_of(batch)]
+    expected = [(e["input_ids"], e["labels"]) for e in data.train]
+    if packing == "padding_free":  # the first label of each example is already a prompt token's IGNORE_INDEX
+        assert all(b["input_ids"].shape[0] == 1 and "attention_mask" not in b for b in batches)
+    assert sorted(rows) == sorted(expected), "every example once, whole, with its labels"
+    if tokens_per_batch:
+        cost = [b["input_ids"].numel() for b in batches]
+        assert max(cost) <= tokens_per_batch and sum(cost) / len(cost) > tokens_per_batch / 2
+    else:
+        assert [len(rows_of(b)) for b in batches[:-1]] == [4] * (len(batches) - 1)
+    if packing == "group_by_length":
+        spread = [max(len(i) for i, _ in rows_of(b)) - min(len(i) for i, _ in rows_of(b)) for b in batches]
+        assert sum(spread) / len(spread) < 3, "similar lengths together"
+
+
+def test_the_flattening_collator_packs_exactly_what_the_packed_attention_reads(llama):
+    """transformers' DataCollatorWithFlattening: our examples back to back, positions from 0 at each start, the
+    boundaries as int32 and the longest as an int, and labels unchanged (its first-label mask falls on the prompt)."""
+    _, examples, _ = llama
+    batch = collate_packed(examples)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert all(e["labels"][0] == IGNORE_INDEX for e in examples), "completion-only labels start masked"
+    assert batch["input_ids"].tolist() == [[t for e in examples for t in e["input_ids"]]]
+    assert batch["labels"].tolist() == [[t for e in examples for t in e["labels"]]]
+    assert batch["position_ids"].tolist() == [[p for n in lengths for p in range(n)]]
+    bounds = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        assert batch[key].dtype == torch.int32 and batch[key].tolist() == bounds
+    assert batch["max_length_q"] == batch["max_length_k"] == max(lengths) and isinstance(batch["max_length_q"], int)
+    assert all(batch[key].dtype == torch.long for key in ("input_ids", "labels", "position_ids"))
+    unmasked = {**examples[1], "labels": examples[1]["input_ids"]}  # a first label that is not masked: dropped
+    assert collate_packed([examples[0], unmasked])["labels"][0, lengths[0]].item() == IGNORE_INDEX
 
 
 def test_projecting_only_loss_positions_gives_the_same_loss_and_gradients(llama):
     from distributed_peft.modeling.objective import loss_positions, token_stats
 
-    model, examples = llama
-    batch = collate_padded(examples, pad_token_id=0)
+    model, examples, tokenizer = llama
+    batch = collate_padded(examples, tokenizer)
     full_loss, full_grads = loss_and_grads(model, batch)
     model.zero_grad(set_to_none=True)
     keep = loss_positions(batch["labels"])
@@ -124,7 +178,6 @@ def test_projecting_only_loss_positions_gives_the_same_loss_and_gradients(llama)
 
 
 def test_token_stats_sums_the_cross_entropy_of_labelled_tokens_per_row():
-    from distributed_peft.data.task_data import IGNORE_INDEX
     from distributed_peft.modeling.objective import token_stats
 
     torch.manual_seed(0)

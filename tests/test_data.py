@@ -6,12 +6,13 @@ import csv
 import json
 
 import pytest
+import torch
 from conftest import compose_config, shared_dataset
 
+from distributed_peft.data.prompts import format_completion, format_prompt, prompt_ids
 from distributed_peft.data.task_data import (
     IGNORE_INDEX,
     collate_padded,
-    format_example,
     prepare_task_data,
     split_records,
     tokenize_example,
@@ -30,13 +31,15 @@ def tokenizers(bases):
 def test_prompt_tokens_unlabelled_and_every_completion_token_labelled(task, model, tokenizers):
     tokenizer = tokenizers[model]
     cfg = compose_config([f"task={task}", f"model={model}", "task.data.max_examples=200"])
-    data = prepare_task_data(cfg, tokenizer)
+    data = prepare_task_data(cfg, tokenizer, keep_train_text=True)
     for example in data.train[:100]:
         labels, ids = example["labels"], example["input_ids"]
-        n_prompt = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-        assert all(label == IGNORE_INDEX for label in labels[:n_prompt])
-        assert labels[n_prompt:] == ids[n_prompt:], "every completion token (and EOS) carries its own id as label"
-        assert ids[-1] == tokenizer.eos_token_id
+        prompt = prompt_ids(cfg.task, example["record"], tokenizer)  # what generation reads
+        n_prompt = len(prompt)
+        assert ids[:n_prompt] == prompt and labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+        assert len(ids) > n_prompt and labels[n_prompt:] == ids[n_prompt:], "every completion token and EOS labelled"
+        completion = tokenizer(format_completion(cfg.task, example["record"]), add_special_tokens=False)["input_ids"]
+        assert ids[n_prompt:] == [*completion, tokenizer.eos_token_id]
     if model == "tiny-llama":
         assert data.train[0]["input_ids"][0] == tokenizer.bos_token_id
 
@@ -45,9 +48,9 @@ def test_labels_decode_to_exactly_the_completion(tokenizers):
     tokenizer = tokenizers["tiny-llama"]
     cfg = compose_config(["task=detox"])
     record = {"toxic": "this idiot knows nothing", "neutral": "he does not know much"}
-    prompt, completion = format_example(record, cfg.task)
+    prompt, completion = format_prompt(cfg.task, record), format_completion(cfg.task, record)
     assert prompt == "<Toxic>: this idiot knows nothing\n<Neutral>: "
-    example = tokenize_example(prompt, completion, tokenizer, max_seq_len=128)
+    example = tokenize_example(cfg.task, record, tokenizer, max_seq_len=128)
     labelled = [t for t in example["labels"] if t != IGNORE_INDEX]
     assert tokenizer.decode(labelled[:-1]) == completion
     assert labelled[-1] == tokenizer.eos_token_id
@@ -56,9 +59,10 @@ def test_labels_decode_to_exactly_the_completion(tokenizers):
 
 def test_instruct_uses_the_no_input_template_when_input_is_empty():
     task = compose_config(["task=instruct"]).task
-    with_input, _ = format_example({"instruction": "Add", "input": "1, 2", "response": "3"}, task)
-    without, _ = format_example({"instruction": "Add", "input": " ", "response": "3"}, task)
-    assert "<Input>: 1, 2" in with_input and "<Input>" not in without
+    with_input = format_prompt(task, {"instruction": "Add", "input": "1, 2", "response": "3"})
+    without = format_prompt(task, {"instruction": "Add", "input": " ", "response": "3"})
+    assert with_input == "<Instruction>: Add\n<Input>: 1, 2\n<Response>: "
+    assert without == "<Instruction>: Add\n<Response>: "
 
 
 @pytest.mark.parametrize("max_seq_len", [96, 80])
@@ -67,7 +71,7 @@ def test_truncation_is_counted_and_drop_removes_long_examples(tokenizers, max_se
     cfg = compose_config(["task=sql", f"training.max_seq_len={max_seq_len}"])
     eval_records, train_records, _ = split_records(cfg.task, cfg.training)
     records = [*eval_records, *train_records]
-    untruncated = [tokenize_example(*format_example(r, cfg.task), tokenizer, 10**6) for r in records]
+    untruncated = [tokenize_example(cfg.task, r, tokenizer, 10**6) for r in records]
     full = [(e["labels"].count(IGNORE_INDEX), len(e["input_ids"])) for e in untruncated]  # (prompt, whole) tokens
     too_long = sum(whole > max_seq_len for _, whole in full)
     prompt_fills = sum(prompt >= max_seq_len for prompt, _ in full)  # nothing left to learn once cut
@@ -116,8 +120,11 @@ def test_custom_local_files_of_every_format_load_the_same(suffix, tmp_path, toke
         frame.to_parquet(path)
     else:
         frame.to_csv(path, index=False, sep="\t" if suffix == "tsv" else ",", quoting=csv.QUOTE_MINIMAL)
-    data = prepare_task_data(compose_config(["task=custom", f"task.data.path={path}"]), tokenizers["tiny-llama"])
+    cfg = compose_config(["task=custom", f"task.data.path={path}"])
+    data = prepare_task_data(cfg, tokenizers["tiny-llama"], keep_train_text=True)
     assert data.stats.loaded == 20 and data.stats.train + data.stats.eval == 20
+    loaded = sorted((e["record"]["prompt"], e["record"]["completion"]) for e in data.train + data.eval)
+    assert loaded == sorted((r["prompt"], r["completion"]) for r in records), "every record read back as written"
 
 
 def test_real_paradetox_tsv_loads_with_a_column_map(tokenizers):
@@ -130,8 +137,18 @@ def test_real_paradetox_tsv_loads_with_a_column_map(tokenizers):
     assert data.stats.train + data.stats.eval + data.stats.empty_completion + data.stats.dropped_too_long == 10427
 
 
-def test_collate_pads_right_without_loss_on_padding():
-    batch = collate_padded([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], 0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+def test_collate_pads_right_with_the_tokenizers_pad_id_and_no_loss_on_padding(tokenizers):
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizers["tiny-llama"])
+    tokenizer.pad_token = tokenizer.eos_token  # a pad id that is not 0: it must come from the tokenizer
+    tokenizer.padding_side = "left"  # generation's side: training batches are right-padded all the same
+    pad = tokenizer.pad_token_id
+    assert pad not in (0, 5, 6, 7, 8)
+    examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "id": 0}, {"input_ids": [8], "labels": [8], "id": 1}]
+    batch = collate_padded(examples, tokenizer)
+    assert sorted(batch) == ["attention_mask", "input_ids", "labels"]
+    assert all(tensor.dtype == torch.long for tensor in batch.values())
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]

@@ -12,8 +12,8 @@ import sys
 import pytest
 from conftest import PROJECT_ROOT, compose_config, run_entry
 
-from distributed_peft.data.prompts import hydra_literal, literal_overrides
-from distributed_peft.data.task_data import IGNORE_INDEX, format_example, load_records, prepare_task_data
+from distributed_peft.data.prompts import format_completion, format_prompt, hydra_literal, literal_overrides
+from distributed_peft.data.task_data import IGNORE_INDEX, load_records, prepare_task_data
 from distributed_peft.errors import DataError
 
 PREBUILT = PROJECT_ROOT / "adapters_prebuilt"
@@ -139,7 +139,7 @@ def test_a_null_in_the_optional_input_reads_as_empty_and_selects_the_no_input_te
     task = compose_config(["task=instruct", f"task.data.path={path}"]).task
     records = list(load_records(task))
     assert [r["input"] for r in records] == ["", ""]
-    assert format_example(records[0], task)[0] == "<Instruction>: Add\n<Response>: "
+    assert format_prompt(task, records[0]) == "<Instruction>: Add\n<Response>: "
     write_jsonl(tmp_path / "instruct.jsonl", ['{"instruction": null, "input": "1, 2", "response": "3"}'])
     with pytest.raises(DataError, match=r"line 1, column 'instruction' is null"):
         load_records(task)
@@ -206,12 +206,12 @@ def generate_cli(monkeypatch, capsys, argv: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def explorer(bases):
-    """The explorer's model worker over the prebuilt instruct and detox adapters, without a web server."""
+    """The explorer's model worker over the prebuilt adapters, without a web server."""
     from distributed_peft.cli.preflight import check_overrides
     from distributed_peft.config import validate_explore
     from distributed_peft.serving.explorer import load_explorer
 
-    adapters = f"adapters=[{PREBUILT / 'instruct'},{PREBUILT / 'detox'}]"
+    adapters = f"adapters=[{PREBUILT / 'instruct'},{PREBUILT / 'detox'},{PREBUILT / 'sql'}]"
     explorer = load_explorer(check_overrides([adapters], "explore", validate_explore))
     yield explorer
     explorer.close()
@@ -238,20 +238,76 @@ def test_generate_and_the_explorer_honour_the_instruct_input(monkeypatch, capsys
     assert page["prompt"].endswith("<Instruction>: Sum the numbers\n<Response>: "), "no input: the no-input template"
 
 
-def test_train_eval_generate_and_the_explorer_build_the_same_prompt(explorer, tokenizer):
-    from distributed_peft.data.task_data import tokenize_example
-    from distributed_peft.evaluation.generation import prompt_ids
+# The task configs' templates written out: every path must build exactly these bytes.
+EXPECTED_PROMPT = {
+    "detox": lambda r: f"<Toxic>: {r['toxic']}\n<Neutral>: ",
+    "sql": lambda r: f"<Schema>: {r['context']}\n<Question>: {r['question']}\n<SQL>: ",
+    "instruct": lambda r: (
+        f"<Instruction>: {r['instruction']}\n<Input>: {r['input']}\n<Response>: "
+        if r["input"].strip()
+        else f"<Instruction>: {r['instruction']}\n<Response>: "
+    ),
+}
+MAIN_FIELD = {"detox": "toxic", "sql": "question", "instruct": "instruction"}  # what `prompt` fills
 
-    task = explorer.adapter("instruct").task
-    record = {"instruction": "Sum the numbers", "input": "1, 2", "response": "3"}
-    prompt, completion = format_example(record, task)
-    example = tokenize_example(prompt, completion, tokenizer, 512)  # what dpeft-train learns from
-    n_prompt = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
-    trained = example["input_ids"][:n_prompt]
-    evaluated = prompt_ids(record, task, tokenizer)  # what dpeft-eval generates from
-    answer = ask(explorer, {"task": "instruct", "prompt": "Sum the numbers", "inputs": {"input": "1, 2"}})
-    assert trained == evaluated and answer["prompt_tokens"] == len(trained)
-    assert answer["prompt"] == tokenizer.decode(trained, skip_special_tokens=False)
+
+def sample_examples(task: str, tokenizer) -> tuple[object, list[dict]]:
+    """The task's config and tokenized examples with their records (for instruct: one with an input, one without)."""
+    cfg = compose_config([f"task={task}", "model=tiny-llama", "task.data.max_examples=60"])
+    data = prepare_task_data(cfg, tokenizer, keep_train_text=True)
+    examples = data.train + data.eval
+    if task == "instruct":
+        with_input = next(e for e in examples if e["record"]["input"].strip())
+        return cfg, [with_input, next(e for e in examples if not e["record"]["input"].strip())]
+    return cfg, examples[:2]
+
+
+@pytest.mark.parametrize("task", ["detox", "sql", "instruct"])
+def test_train_eval_generate_and_the_explorer_build_byte_identical_prompts(task, explorer, tokenizer, monkeypatch):
+    """For the same record: the prompt tokens dpeft-train learns after, dpeft-eval generates from, dpeft-generate
+    (prompt= and inputs.FIELD=) and the explorer (API request and page fields) generate from are one sequence, the
+    task template's text tokenized with BOS."""
+    from distributed_peft.evaluation import evaluator, generation
+
+    cfg, examples = sample_examples(task, tokenizer)
+    evaluated: list[list[int]] = []
+
+    def no_generation(model, tok, prompts, *_):
+        evaluated.extend(prompts)
+        return [""] * len(prompts)
+
+    monkeypatch.setattr(evaluator, "generate_completions", no_generation)
+    monkeypatch.setattr(evaluator, "score_all", lambda *args: {})
+    generated: list[list[int]] = []
+    real_generate_batch = generation.generate_batch
+
+    def capture(model, tok, prompts, max_new_tokens, *args, **kwargs):
+        generated.extend(prompts)
+        return real_generate_batch(model, tok, prompts, max_new_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_batch", capture)
+    adapter = explorer.adapter(task)
+    for example in examples:
+        record, main = example["record"], MAIN_FIELD[task]
+        expected = tokenizer(EXPECTED_PROMPT[task](record))["input_ids"]
+        assert expected[0] == tokenizer.bos_token_id
+        n_prompt = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+        assert example["input_ids"][:n_prompt] == expected, "dpeft-train"
+        evaluated.clear()
+        evaluator.evaluate_generations(None, tokenizer, [example], cfg, None)
+        assert evaluated == [expected], "dpeft-eval"
+        inputs = {name: record[name] for name in adapter.fields if name != main and record[name]}
+        argv = [f"adapters=[{PREBUILT / task}]", f"prompt={record[main]}", f"max_new_tokens={TOKENS}"]
+        generated.clear()
+        generation.generate_with_adapters(
+            compose_config_generate(argv + [f"inputs.{k}={v}" for k, v in inputs.items()])
+        )
+        assert generated == [expected, expected], "dpeft-generate (adapter, then base)"
+        api = ask(explorer, {"task": task, "prompt": record[main], "inputs": inputs})
+        page = explorer.submit(task, {name: record[name] for name in adapter.fields}, TOKENS).result(timeout=120)
+        for name, answer in (("explorer API", api), ("explorer page", page)):
+            assert answer["prompt_tokens"] == len(expected), name
+            assert answer["prompt"] == tokenizer.decode(expected, skip_special_tokens=False), name
 
 
 def test_empty_and_over_context_prompts_get_the_same_refusal_from_generate_and_the_explorer(monkeypatch, explorer):
@@ -282,7 +338,11 @@ def test_config_syntax_in_a_prompt_or_a_data_value_is_text(monkeypatch, capsys, 
     record = {"prompt": f"{{completion}} {home} }}", "completion": "{0}"}
     path = write_jsonl(tmp_path / "braces.jsonl", [json.dumps(record)])
     task = custom_task(path, "task.prompt_template=Q: {prompt}\\nA: ")
-    assert format_example(next(iter(load_records(task))), task) == (f"Q: {{completion}} {home} }}\nA: ", "{0}")
+    loaded = next(iter(load_records(task)))
+    assert (format_prompt(task, loaded), format_completion(task, loaded)) == (
+        f"Q: {{completion}} {home} }}\nA: ",
+        "{0}",
+    )
 
 
 @pytest.mark.parametrize(
@@ -318,7 +378,7 @@ def test_the_readme_prompt_template_works_as_typed(tmp_path, tokenizer):
     assert cfg.task.prompt_template == "Q: {prompt}\nA: "
     data = prepare_task_data(cfg, tokenizer, keep_train_text=True)
     example = data.train[0]
-    prompt, completion = format_example(example["record"], cfg.task)
+    prompt, completion = format_prompt(cfg.task, example["record"]), format_completion(cfg.task, example["record"])
     assert prompt == f"Q: {example['record']['prompt']}\nA: " and completion == example["record"]["completion"]
     labelled = [token for token in example["labels"] if token != IGNORE_INDEX]
     assert tokenizer.decode(labelled[:-1]) == completion, "only the completion (and EOS) carries loss"
@@ -330,7 +390,7 @@ def test_a_hydra_quoted_template_and_interpolation_in_it_are_text(tmp_path):
     quoted = "task.prompt_template='${{oc.env:HOME}}\\tQ: {prompt}\\nA: '"  # bash: "task.prompt_template='...'"
     task = custom_task(path, quoted)
     assert task.prompt_template == "${{oc.env:HOME}}\tQ: {prompt}\nA: "
-    assert format_example({"prompt": "q", "completion": "a"}, task)[0] == "${oc.env:HOME}\tQ: q\nA: "
+    assert format_prompt(task, {"prompt": "q", "completion": "a"}) == "${oc.env:HOME}\tQ: q\nA: "
     assert custom_task(path, "task.prompt_template_no_input=null").prompt_template_no_input is None
 
 

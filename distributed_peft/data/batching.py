@@ -24,25 +24,14 @@ MEGABATCH_FACTOR = 50  # group_by_length sorts inside random windows of 50 batch
 
 
 def collate_packed(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """One row: the examples back to back, positions restarting at 0, no label on any example's first token."""
-    input_ids, labels, positions, boundaries = [], [], [], [0]
-    for example in examples:
-        n = len(example["input_ids"])
-        input_ids.extend(example["input_ids"])
-        labels.extend([IGNORE_INDEX, *example["labels"][1:]])  # the previous example must not predict this token
-        positions.extend(range(n))
-        boundaries.append(boundaries[-1] + n)
-    longest = max(len(e["input_ids"]) for e in examples)
-    return {
-        "input_ids": torch.tensor([input_ids]),
-        "labels": torch.tensor([labels]),
-        "position_ids": torch.tensor([positions]),
-        # example boundaries, as flash-attention's varlen kernels (and dpeft's packed sdpa) read them
-        "cu_seq_lens_q": torch.tensor(boundaries, dtype=torch.int32),
-        "cu_seq_lens_k": torch.tensor(boundaries, dtype=torch.int32),
-        "max_length_q": longest,
-        "max_length_k": longest,
-    }
+    """One row: the examples back to back, positions restarting at 0, no label on any example's first token (the
+    previous example must not predict it), and the example boundaries `cu_seq_lens_q/k` with `max_length_q/k` that
+    flash-attention's varlen kernels and dpeft's packed sdpa read."""
+    from transformers import DataCollatorWithFlattening
+
+    # identical to what dpeft built by hand (int64 ids/labels/positions, int32 boundaries, int max lengths; first
+    # label IGNORE_INDEX, which completion-only labels already are): tests/test_batching.py checks it
+    return DataCollatorWithFlattening(return_flash_attn_kwargs=True, separator_id=IGNORE_INDEX)(examples)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,7 +107,7 @@ class LengthAwareBatchSampler(torch.utils.data.Sampler[list[int]]):
         return len(self._batches)
 
 
-def train_loader(examples: list[dict[str, Any]], cfg: DictConfig, pad_token_id: int) -> torch.utils.data.DataLoader:
+def train_loader(examples: list[dict[str, Any]], cfg: DictConfig, tokenizer) -> torch.utils.data.DataLoader:
     """The training DataLoader for `training.packing` and `training.tokens_per_batch`."""
     training = cfg.training
     packed = training.packing == "padding_free"
@@ -129,7 +118,7 @@ def train_loader(examples: list[dict[str, Any]], cfg: DictConfig, pad_token_id: 
             batch_size=training.micro_batch_size,
             shuffle=True,
             generator=generator,
-            collate_fn=lambda batch: collate_padded(batch, pad_token_id),
+            collate_fn=lambda batch: collate_padded(batch, tokenizer),
         )
     sampler = LengthAwareBatchSampler(
         [len(e["input_ids"]) for e in examples],
@@ -139,5 +128,5 @@ def train_loader(examples: list[dict[str, Any]], cfg: DictConfig, pad_token_id: 
         group_by_length=training.packing == "group_by_length",
         packed=packed,
     )
-    collate = collate_packed if packed else (lambda batch: collate_padded(batch, pad_token_id))
+    collate = collate_packed if packed else (lambda batch: collate_padded(batch, tokenizer))
     return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collate)

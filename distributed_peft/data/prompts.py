@@ -1,9 +1,11 @@
 """Prompts: the one place that turns a task and a record of field values into what the model reads.
 
-Training, evaluation, dpeft-generate and the explorer all build prompts here, so they agree on the template (the
-no-input template when a task's optional fields are empty), on the tokens, and on the refusal of an empty prompt or
-one that does not fit the context. A user's text is data: `literal_overrides` makes the command line's prompts,
-inputs and templates reach the config as the user typed them, never as Hydra or OmegaConf syntax.
+One function per fact, called by every path (training, evaluation, dpeft-generate, the explorer), so they build
+byte-identical prompts: the record a user's input makes (`task_record`, `fields_record`), the template of a record
+(the no-input one when a task's optional fields are empty), its prompt text (`format_prompt`), its prompt token ids
+(`prompt_ids`), and the refusal of an empty prompt or one that does not fit the context (`generation_prompt_ids`).
+A user's text is data: `literal_overrides` makes the command line's prompts, inputs and templates reach the config
+as the user typed them, never as Hydra or OmegaConf syntax.
 """
 
 from __future__ import annotations
@@ -75,22 +77,28 @@ def format_completion(task: DictConfig, record: dict[str, Any]) -> str:
     return render(task.completion_template, record, "task.completion_template")
 
 
-def encode_prompt(prompt: str, tokenizer) -> list[int]:
-    """Token ids of a prompt, with BOS where the tokenizer adds one (as training tokenizes it)."""
-    return tokenizer(prompt)["input_ids"]
-
-
 def prompt_ids(task: DictConfig, record: dict[str, Any], tokenizer) -> list[int]:
-    """The prompt of a record exactly as training tokenizes it."""
-    return encode_prompt(format_prompt(task, record), tokenizer)
+    """The token ids of a record's prompt, with BOS where the tokenizer adds one: what training puts before the
+    completion and what evaluation and generation generate from."""
+    return tokenizer(format_prompt(task, record))["input_ids"]
+
+
+def prompt_fields(task: DictConfig) -> list[str]:
+    """The fields a user fills, in template order (the full template's, then any only the no-input one has)."""
+    fields = template_fields(task.prompt_template) + template_fields(task.prompt_template_no_input or "")
+    return list(dict.fromkeys(fields))
+
+
+def fields_record(task: DictConfig, fields: dict[str, Any]) -> dict[str, str]:
+    """A record of the task's fields from a user's field values (as text, None as empty), the rest empty."""
+    record = {name: "" for name in task.data.columns}
+    record.update({name: "" if value is None else str(value) for name, value in fields.items()})
+    return record
 
 
 def task_record(task: DictConfig, prompt: str, inputs: dict[str, Any]) -> dict[str, str]:
     """A record of the task's fields: `inputs` for the named fields, `prompt` for the main field, the rest empty."""
-    record = {name: "" for name in task.data.columns}
-    record.update({name: "" if value is None else str(value) for name, value in inputs.items()})
-    record[main_field(task)] = prompt
-    return record
+    return fields_record(task, {**inputs, main_field(task): prompt})
 
 
 def check_not_empty(task: DictConfig, record: dict[str, Any]) -> None:

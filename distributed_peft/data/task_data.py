@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from distributed_peft.config import resolve_data_format, resolve_data_source
 from distributed_peft.constants import SAMPLE_DATA_DIR
 from distributed_peft.data.files import read_text_columns
-from distributed_peft.data.prompts import encode_prompt, format_completion, format_prompt, optional_fields
+from distributed_peft.data.prompts import format_completion, optional_fields, prompt_ids
 from distributed_peft.errors import DataError
 
 IGNORE_INDEX = -100  # label of tokens that get no loss (prompt and padding)
@@ -80,27 +80,24 @@ def load_records(task: DictConfig):
     return dataset.add_column("example_id", list(range(len(dataset))))
 
 
-def format_example(record: dict[str, Any], task: DictConfig) -> tuple[str, str]:
-    """(prompt, completion) text of one record from the task's templates."""
-    return format_prompt(task, record), format_completion(task, record)
-
-
 def references(record: dict[str, Any], task: DictConfig) -> list[str]:
     """Every accepted completion of a record: the completion itself, then any extra reference columns."""
     extra = [record[k] for k in sorted(record) if k.startswith("reference_") and str(record[k]).strip()]
     return [format_completion(task, record), *extra]
 
 
-def tokenize_example(prompt: str, completion: str, tokenizer, max_seq_len: int) -> dict[str, Any]:
-    """Token ids and labels: prompt tokens labelled IGNORE_INDEX, completion tokens and EOS labelled.
+def tokenize_example(task: DictConfig, record: dict[str, Any], tokenizer, max_seq_len: int) -> dict[str, Any]:
+    """Token ids and labels of a record: its prompt's ids (as generation gets them) labelled IGNORE_INDEX, then its
+    completion's tokens and EOS labelled.
 
     Sequences longer than max_seq_len are cut at the end; `truncated` tells whether that happened.
     """
-    prompt_ids = encode_prompt(prompt, tokenizer)
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + completion_ids)[:max_seq_len]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_seq_len]
-    return {"input_ids": input_ids, "labels": labels, "truncated": len(prompt_ids) + len(completion_ids) > max_seq_len}
+    prompt = prompt_ids(task, record, tokenizer)
+    completion = tokenizer(format_completion(task, record), add_special_tokens=False)["input_ids"]
+    completion.append(tokenizer.eos_token_id)
+    input_ids = (prompt + completion)[:max_seq_len]
+    labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_seq_len]
+    return {"input_ids": input_ids, "labels": labels, "truncated": len(prompt) + len(completion) > max_seq_len}
 
 
 @dataclass
@@ -139,8 +136,7 @@ def tokenize_records(records, task, tokenizer, training, stats: DataStats, keep_
     """Tokenized examples of records (prompt masked), counting truncated and too-long ones in `stats`."""
     examples = []
     for record in records:
-        prompt, completion = format_example(record, task)
-        example = tokenize_example(prompt, completion, tokenizer, training.max_seq_len)
+        example = tokenize_example(task, record, tokenizer, training.max_seq_len)
         if example["truncated"]:
             if training.truncation == "drop":
                 stats.dropped_too_long += 1
@@ -201,15 +197,20 @@ def prepare_task_data(cfg: DictConfig, tokenizer, keep_train_text: bool = False)
     return TaskData(train=train, eval=evaluation, stats=stats)
 
 
-def collate_padded(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest example; padding gets attention 0 and no loss."""
-    length = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        input_ids[row, :n] = torch.tensor(example["input_ids"])
-        labels[row, :n] = torch.tensor(example["labels"])
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+def collate_padded(examples: list[dict[str, Any]], tokenizer) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example (whatever side the tokenizer pads by default): the tokenizer's pad
+    id with attention 0 for the inputs, IGNORE_INDEX for the labels (no loss on padding)."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    inputs = tokenizer.pad(
+        {"input_ids": [example["input_ids"] for example in examples]},
+        padding_side="right",  # positions count from the first token, as in packed rows and single examples
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    labels = [torch.tensor(example["labels"]) for example in examples]
+    return {
+        "input_ids": inputs["input_ids"],
+        "attention_mask": inputs["attention_mask"],
+        "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
+    }

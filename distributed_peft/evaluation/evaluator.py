@@ -21,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from distributed_peft.config import resolve_data_source
+from distributed_peft.data.prompts import prompt_ids
 from distributed_peft.errors import AdapterError, ConfigError, DataError
-from distributed_peft.evaluation.generation import generate_completions, prompt_ids
+from distributed_peft.evaluation.generation import generate_completions
 from distributed_peft.evaluation.inference import evaluation_mode, progress
 from distributed_peft.evaluation.metrics import score_all
 from distributed_peft.modeling.objective import completion_token_stats
@@ -52,7 +53,7 @@ def evaluate_loss(model, loader, accelerator, stop=None, desc: str | None = None
 def evaluate_generations(model, tokenizer, examples: list[dict[str, Any]], cfg: DictConfig, accelerator) -> dict:
     """Greedy completions of the first validation examples, scored with the task's metrics."""
     examples = examples[: cfg.evaluation.max_generate_examples]
-    prompts = [prompt_ids(e["record"], cfg.task, tokenizer) for e in examples]
+    prompts = [prompt_ids(cfg.task, e["record"], tokenizer) for e in examples]
     predictions = generate_completions(model, tokenizer, prompts, cfg, accelerator)
     references = [e["references"] for e in examples]
     scores = score_all(cfg.task.metrics, predictions, references, [e["record"] for e in examples])
@@ -77,7 +78,7 @@ def evaluate_base_and_adapter(model, loader, accelerator, cfg: DictConfig, token
     shown = examples[: cfg.evaluation.show_examples]
     results["samples"] = [
         {
-            "prompt": tokenizer.decode(prompt_ids(e["record"], cfg.task, tokenizer), skip_special_tokens=True),
+            "prompt": tokenizer.decode(prompt_ids(cfg.task, e["record"], tokenizer), skip_special_tokens=True),
             "reference": e["references"][0],
             "base": base["predictions"][i],
             "adapter": adapter["predictions"][i],
@@ -267,7 +268,7 @@ def run_evaluation(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, 
         loader = torch.utils.data.DataLoader(
             examples,
             batch_size=run_cfg.training.eval_batch_size,
-            collate_fn=lambda batch: collate_padded(batch, tokenizer.pad_token_id),
+            collate_fn=lambda batch: collate_padded(batch, tokenizer),
         )
         model, loader = accelerator.prepare(model, loader)
         results = evaluate_base_and_adapter(model, loader, accelerator, run_cfg, tokenizer, examples)

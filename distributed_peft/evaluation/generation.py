@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from omegaconf import DictConfig
 
 from distributed_peft.config import load_recorded_config
 from distributed_peft.constants import ADAPTER_WEIGHTS, PREBUILT_DIR
 from distributed_peft.data.prompts import check_not_empty, generation_prompt_ids, task_record
-from distributed_peft.data.prompts import prompt_ids as task_prompt_ids
 from distributed_peft.evaluation.inference import evaluation_mode, progress
-
-
-def prompt_ids(record: dict[str, Any], task: DictConfig, tokenizer) -> list[int]:
-    """The prompt exactly as training tokenized it (with BOS where the tokenizer adds one)."""
-    return task_prompt_ids(task, record, tokenizer)
 
 
 def _left_padded(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,12 +27,13 @@ from distributed_peft.adapters.storage import (
     read_adapter_metadata,
     recorded_base,
 )
-from distributed_peft.config import template_fields
 from distributed_peft.data.prompts import (
     EmptyPrompt,
     PromptTooLong,
     check_not_empty,
+    fields_record,
     generation_prompt_ids,
+    prompt_fields,
     task_record,
 )
 from distributed_peft.errors import AdapterError, ConfigError, DataError, DpeftError
@@ -121,7 +122,7 @@ class Explorer:
         """
         adapter = self.adapter(task)
         self._check_fields(adapter, fields)
-        record = {name: "" for name in adapter.task.data.columns} | {k: str(v) for k, v in fields.items()}
+        record = fields_record(adapter.task, fields)
         try:
             check_not_empty(adapter.task, record)
         except EmptyPrompt as error:
@@ -217,9 +218,7 @@ def describe_adapters(directories: list[str], cfg: DictConfig) -> tuple[list[Tas
     for (directory, metadata), name in zip(readable, adapter_names([m for _, m in readable]), strict=True):
         recorded = load_recorded_config(metadata["config"])
         task = recorded.task
-        fields = list(
-            dict.fromkeys(template_fields(task.prompt_template) + template_fields(task.prompt_template_no_input or ""))
-        )
+        fields = prompt_fields(task)
         card, curve = _card(Path(directory), metadata)
         title = next((line[2:].strip() for line in card.splitlines() if line.startswith("# ")), name)
         adapter = TaskAdapter(

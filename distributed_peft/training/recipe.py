@@ -110,14 +110,14 @@ class FinetuneRecipe:
         trainable, total = model.get_nb_trainable_parameters()
         self.print(f"model: {cfg.model.name} ({cfg.peft.method}), {trainable:,} trainable of {total:,} parameters")
 
-        train_loader = batching.train_loader(self.data.train, cfg, self.tokenizer.pad_token_id)
+        train_loader = batching.train_loader(self.data.train, cfg, self.tokenizer)
         self.sampler_generator = getattr(train_loader.sampler, "generator", None)  # plain shuffled batches
         # accelerate's set_epoch does not reach a batch sampler wrapped in its BatchSamplerShard: keep a handle
         self.length_sampler = train_loader.batch_sampler if hasattr(train_loader.batch_sampler, "set_epoch") else None
         eval_loader = torch.utils.data.DataLoader(
             self.data.eval,
             batch_size=training.eval_batch_size,
-            collate_fn=lambda batch: collate_padded(batch, self.tokenizer.pad_token_id),
+            collate_fn=lambda batch: collate_padded(batch, self.tokenizer),
         )
         optimizer = self._optimizer(model)
         self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
