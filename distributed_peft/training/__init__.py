@@ -1,5 +1,6 @@
-"""The training recipe (recipe: setup, train, save, cleanup), its objective, checkpoints and resume, and reproducing
-the shipped adapters from their recorded configs (reproduce).
+"""The training recipe (recipe: setup, train, save, cleanup, the one place that shows a run's order), the step loop's
+mechanics (loop: windows, one optimizer step, early stops), what a finished run writes (run_report), checkpoints and
+resume, and reproducing the shipped adapters from their recorded configs (reproduce).
 
 Imports: errors, runtime, config, data, modeling, adapters, evaluation.
 """

@@ -1,0 +1,180 @@
+"""The step loop's mechanics beneath the recipe's order: how many steps, the optimizer and its schedule, the windows
+of micro batches the loop consumes, what one window does to the weights, and when the loop stops early.
+
+- `WindowStream`: gradient-accumulation windows epoch after epoch, from where a checkpoint stopped (the same epoch
+  order, its first micro batches skipped); its `position` is what the next checkpoint records.
+- `backward_window`, `clip_gradients`, `step_optimizer`: the loss of a window is (sum of token losses) / (labelled
+  tokens in the window on all ranks); a NaN/inf loss on any rank backpropagates zero and the step is skipped.
+- `stop_requested`, `preempted`, `diverged`: SIGTERM on any rank stops every rank at the same step after a
+  checkpoint (exit 75); more NaN/inf steps than `training.max_nonfinite_steps` stops with the last good checkpoint
+  named (exit 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from distributed_peft.errors import DataError, Preempted, TrainingDiverged
+from distributed_peft.runtime import termination
+from distributed_peft.runtime.distributed import global_sum
+from distributed_peft.training.checkpoints import decode_generator_state, encode_generator_state, list_checkpoints
+
+Window = list[dict[str, torch.Tensor]]
+
+
+def count_steps(micro_steps_per_epoch: int, training) -> int:
+    """training.max_steps, or the epochs' optimizer steps; an epoch's last, shorter window is a step too."""
+    if micro_steps_per_epoch == 0:
+        raise DataError("task.data: no training micro batch on this process; allowed: more training examples")
+    steps_per_epoch = math.ceil(micro_steps_per_epoch / training.gradient_accumulation_steps)
+    return training.max_steps if training.max_steps > 0 else math.ceil(training.epochs * steps_per_epoch)
+
+
+def build_optimizer(model, training) -> torch.optim.Optimizer:
+    """training.optimizer over the trainable (LoRA) parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if training.optimizer == "adamw_torch":
+        return torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if training.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=training.lr, weight_decay=training.weight_decay)
+
+
+def build_scheduler(optimizer, training, total_steps: int):
+    """training.lr_scheduler with warmup over training.warmup_ratio of the steps."""
+    from transformers import get_scheduler
+
+    return get_scheduler(training.lr_scheduler, optimizer, int(training.warmup_ratio * total_steps), total_steps)
+
+
+class WindowStream:
+    """Endless stream of gradient-accumulation windows (lists of micro batches), epoch after epoch."""
+
+    def __init__(self, accelerator, train_loader, accumulation: int, sampler_generator, length_sampler, start=None):
+        self.accelerator, self.train_loader, self.accumulation = accelerator, train_loader, accumulation
+        self.sampler_generator = sampler_generator  # a shuffled DataLoader: its order comes from this generator
+        self.length_sampler = length_sampler  # grouped or packed batches: accelerate's set_epoch does not reach it
+        self.start = start or (0, 0, None)  # a checkpoint's epoch, micro batches done in it, the epoch's generator
+        self.position: tuple[int, int] = (self.start[0], self.start[1])
+        self.epoch_generator_state: str | None = None
+
+    def __iter__(self) -> Iterator[Window]:
+        epoch, skip, generator_state = self.start
+        while True:
+            self._start_epoch(epoch, generator_state)
+            loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+            done, window = skip, []
+            for batch in loader:
+                window.append(batch)
+                done += 1
+                if len(window) == self.accumulation:
+                    self.position = (epoch, done)
+                    yield window
+                    window = []
+            if window:  # the epoch's last, partial window is a step of its own, never dropped
+                self.position = (epoch, done)
+                yield window
+            elif done == 0:
+                raise DataError("task.data: an epoch produced no micro batch; allowed: more training examples")
+            epoch, skip, generator_state = epoch + 1, 0, None
+
+    def _start_epoch(self, epoch: int, generator_state: str | None) -> None:
+        """The epoch's order: the samplers' epoch, and the shuffling generator as the checkpoint left it."""
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)
+        if self.length_sampler is not None:
+            self.length_sampler.set_epoch(epoch)
+        if self.sampler_generator is not None:
+            if generator_state is not None:
+                self.sampler_generator.set_state(decode_generator_state(generator_state))
+            self.epoch_generator_state = encode_generator_state(self.sampler_generator)
+
+
+@contextmanager
+def accumulation_step(accelerator, model, sync: bool):
+    """One micro batch of an accumulation window: gradients are reduced across ranks (and DeepSpeed steps) only on
+    the window's last one. The window's length is ours to say: accelerate's own counter would take an epoch's
+    last, shorter window for a full one, or step on every micro batch at the end of the dataloader."""
+    accelerator.sync_gradients = sync
+    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        yield
+
+
+def backward_window(accelerator, model, window: Window, window_tokens: float) -> tuple[float, bool]:
+    """Backward through each micro batch; returns this process's loss sum and whether a loss was NaN/inf on any rank.
+
+    A NaN/inf micro batch backpropagates zero instead (every rank still runs its collectives); DeepSpeed steps inside
+    backward, so there only that micro batch's gradient is dropped.
+    """
+    from distributed_peft.data.batching import model_inputs
+    from distributed_peft.modeling.objective import loss_positions, token_stats
+
+    # accelerate divides by the accumulation steps and DDP averages over ranks: undo both so the
+    # gradient is that of (sum of token losses) / (tokens in the global window), whatever the window's length.
+    scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / max(window_tokens, 1.0)
+    loss_sum, skipped = 0.0, False
+    for index, batch in enumerate(window):
+        with accumulation_step(accelerator, model, sync=index == len(window) - 1):
+            keep = loss_positions(batch["labels"])  # no vocabulary projection for prompt positions
+            logits = model(**model_inputs(batch), logits_to_keep=keep).logits
+            batch_loss_sum = token_stats(logits, batch["labels"][:, keep + 1], accuracy=False)["loss_sum"].sum()
+            if global_sum(accelerator, not math.isfinite(batch_loss_sum.item())) > 0:
+                skipped, batch_loss_sum = True, zero_loss(model)
+            accelerator.backward(batch_loss_sum * scale)
+            loss_sum += batch_loss_sum.item()
+    return loss_sum, skipped
+
+
+def zero_loss(model) -> torch.Tensor:
+    """A zero loss that reaches every trainable parameter, so DDP's and DeepSpeed's gradient hooks still fire."""
+    return sum((p * 0.0).sum() for p in model.parameters() if p.requires_grad)
+
+
+def clip_gradients(accelerator, model, max_grad_norm: float):
+    """The gradient norm before clipping to max_grad_norm (DeepSpeed clips in its own step and reports it)."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if grad_norm is None and hasattr(model, "get_global_grad_norm"):
+        grad_norm = model.get_global_grad_norm()
+    return grad_norm
+
+
+def step_optimizer(optimizer, scheduler, skipped: bool) -> None:
+    """The optimizer steps unless the step is skipped; the schedule steps either way."""
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # a skipped step steps the schedule without the optimizer, on purpose
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before", UserWarning)
+        scheduler.step()
+
+
+def stop_requested(accelerator) -> bool:
+    """Whether SIGTERM reached any rank (a collective: every rank asks at the same point and gets one answer)."""
+    return global_sum(accelerator, termination.requested()) > 0
+
+
+def preempted(step: int, total_steps: int, checkpoint: Path) -> Preempted:
+    """The stop after SIGTERM, once the checkpoint of `step` is saved."""
+    return Preempted(
+        f"SIGTERM: stopped at step {step} of {total_steps}, checkpoint {checkpoint}; rerun the same command to resume"
+    )
+
+
+def diverged(run_dir: Path, max_nonfinite_steps: int, nonfinite_steps: int, step: int) -> TrainingDiverged | None:
+    """The stop once more than `max_nonfinite_steps` steps had a NaN/inf loss; None while within the limit."""
+    if nonfinite_steps <= max_nonfinite_steps:
+        return None
+    last = next(iter(list_checkpoints(run_dir)), None)
+    return TrainingDiverged(
+        f"training.max_nonfinite_steps={max_nonfinite_steps}: the loss was NaN/inf at {nonfinite_steps} steps "
+        f"(the last at step {step}); stopped. Last good checkpoint: {last or 'none'}; "
+        "lower training.lr or check the data"
+    )
