@@ -94,3 +94,5 @@ def test_schemas_and_database_are_seeded() -> None:
     first = sql.create_database(context, seed=3).execute("SELECT * FROM orders").fetchall()
     again = sql.create_database(context, seed=3).execute("SELECT * FROM orders").fetchall()
     assert first == again and len(first) == 20
+    other = sql.create_database(context, seed=4).execute("SELECT * FROM orders").fetchall()
+    assert other != first and len(other) == 20, "the rows follow the seed"
