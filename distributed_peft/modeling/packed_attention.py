@@ -3,8 +3,8 @@
 A packed row of examples with lengths L1..Ln could use sdpa with a block-diagonal mask, but that computes attention
 over the whole row (sum(L)^2) and discards most of it: slower than padding on a CPU. This kernel runs causal
 sdpa on each example's slice instead (sum(Li^2)), given the example boundaries `cu_seq_lens_q` that the packed
-collator passes through the model (the same keyword flash-attention's varlen path reads). Batches without it
-(evaluation, generation) go through plain sdpa.
+collator (transformers' DataCollatorWithFlattening, data/batching.py) passes through the model (the same keyword
+flash-attention's varlen path reads). Batches without it (evaluation, generation) go through plain sdpa.
 """
 
 from __future__ import annotations
