@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from distributed_peft.evaluation.metrics import (
@@ -44,17 +47,34 @@ ROUGE_PAIRS = [
 
 @pytest.mark.parametrize(("prediction", "reference", "expected"), ROUGE_PAIRS)
 def test_rouge_l_is_rouge_scores_lcs_f1_ignoring_case_and_punctuation(prediction, reference, expected):
+    ours = rouge_l(prediction, reference)  # first: it imports rouge-score so that the test's stderr is not kept
     from rouge_score import rouge_scorer
 
     library = rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
-    assert rouge_l(prediction, reference) == pytest.approx(expected)
-    assert rouge_l(prediction, reference) == pytest.approx(library)
+    assert ours == pytest.approx(expected)
+    assert ours == pytest.approx(library)
 
 
 def test_rouge_l_score_is_the_mean_of_the_best_reference_in_0_to_100():
     predictions = ["The Cat sat on the mat.", "A B C D"]
     references = [["a dog", "the cat sat on the mat"], ["a c d e"]]
     assert score("rouge_l", predictions, references, [{}, {}]) == pytest.approx(100 * (1.0 + 0.75) / 2)
+
+
+def test_rouge_l_never_closes_a_stderr_that_was_only_borrowed():
+    """rouge-score brings absl.logging, whose handler closes the stream it was created with when logging is configured
+    again (as Hydra does at every command): a test's captured stderr closed that way broke every later test."""
+    probe = """
+import io, logging.config, sys
+borrowed = sys.stderr = io.StringIO()
+from distributed_peft.evaluation.metrics import rouge_l
+assert rouge_l("The cat", "the cat") == 1.0
+sys.stderr = sys.__stderr__
+logging.config.dictConfig({"version": 1})
+print("closed" if borrowed.closed else "open")
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "open", done.stderr
 
 
 def test_toxic_words_are_matched_as_whole_words_and_phrases():

@@ -4,8 +4,10 @@ share of outputs that still contain a toxic word. Every metric is a number in [0
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from functools import cache
@@ -47,7 +49,10 @@ def execution_match(predicted: str, gold: str, context: str, seed: int = 0) -> b
 
 @cache
 def _rouge_l_scorer():
-    from rouge_score import rouge_scorer
+    # rouge-score imports absl.logging, whose handler keeps the sys.stderr of the moment it is imported and closes it
+    # when logging is configured again (Hydra does at every command): bound to the process's own stderr, it never is.
+    with contextlib.redirect_stderr(sys.__stderr__ or sys.stderr):
+        from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rougeL"])
 
