@@ -175,7 +175,7 @@ class FinetuneRecipe:
         from distributed_peft.data import batching
         from distributed_peft.data.task_data import collate_padded
 
-        train_loader = batching.train_loader(self.data.train, self.cfg, self.tokenizer.pad_token_id)
+        train_loader = batching.train_loader(self.data.train, self.cfg, self.tokenizer)
         self.sampler_generator = getattr(train_loader.sampler, "generator", None)  # plain shuffled batches
         # accelerate's set_epoch does not reach a batch sampler wrapped in its BatchSamplerShard: keep a handle
         self.length_sampler = train_loader.batch_sampler if hasattr(train_loader.batch_sampler, "set_epoch") else None
