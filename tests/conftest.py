@@ -78,3 +78,11 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+def patch_everywhere(monkeypatch, module: str, name: str, replacement) -> None:
+    """monkeypatch `module.name` and every loaded module that imported it by name, so module-level
+    `from x import name` imports see the replacement too (modules imported later read it from `module`)."""
+    original = getattr(importlib.import_module(module), name)
+    for holder in [m for m in list(sys.modules.values()) if getattr(m, name, None) is original]:
+        monkeypatch.setattr(holder, name, replacement)

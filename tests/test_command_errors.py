@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT, compose_config, run_entry
+from conftest import PROJECT_ROOT, compose_config, patch_everywhere, run_entry
 
 from distributed_peft.constants import PREBUILT_DIR
 from distributed_peft.runtime.output_dirs import OWNER_MARKER
@@ -39,14 +39,13 @@ def tree(root: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Fail the test if a command gets as far as loading a model or training."""
-    import distributed_peft.modeling.loading as model
-    import distributed_peft.training.recipe as train
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded (or training started) before the mistake was reported")
 
-    for module, name in ((model, "load_base_model"), (model, "load_tokenizer"), (train, "run_training")):
-        monkeypatch.setattr(module, name, refuse)
+    for name in ("load_base_model", "load_tokenizer"):
+        patch_everywhere(monkeypatch, "distributed_peft.modeling.loading", name, refuse)
+    patch_everywhere(monkeypatch, "distributed_peft.training.recipe", "run_training", refuse)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 
 from distributed_peft.config import group_options
 from distributed_peft.errors import DIVERGED_EXIT_CODE, StorageError
-from distributed_peft.runtime.atomic_files import TMP_PREFIX
 from distributed_peft.modeling import objective
+from distributed_peft.runtime.atomic_files import TMP_PREFIX
 from distributed_peft.training.checkpoints import checkpoint_problem, list_checkpoints
 from distributed_peft.training.recipe import FinetuneRecipe, run_training
 

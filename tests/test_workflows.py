@@ -3,7 +3,6 @@ changed run, one run per directory, and no command writes into (or deletes) a di
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, run_entry
+from conftest import compose_config, patch_everywhere, run_entry
 from safetensors.torch import load_file
 
 from distributed_peft.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE
@@ -183,10 +182,7 @@ def sigterm_guard():
 def test_sigterm_stops_loading_evaluation_and_generation_at_once(
     target, phase, monkeypatch, tmp_path, bases, sigterm_guard
 ):
-    module, name = target.rsplit(".", 1)
-    original = getattr(importlib.import_module(module), name)
-    for holder in [m for m in list(sys.modules.values()) if getattr(m, name, None) is original]:
-        monkeypatch.setattr(holder, name, sigterm_self_then(90))  # wherever it was imported by name
+    patch_everywhere(monkeypatch, *target.rsplit(".", 1), sigterm_self_then(90))
     out = tmp_path / "run"
     started = time.monotonic()
     extra = ["training.max_steps=2", "evaluation.generate=true", "evaluation.max_generate_examples=2",
@@ -388,7 +384,7 @@ def test_a_crash_in_the_final_evaluation_never_loses_the_adapter(tmp_path, monke
 def test_multirun_jobs_get_their_own_directories(tmp_path, monkeypatch, bases):
     from hydra.core.global_hydra import GlobalHydra
 
-    from distributed_peft.training import recipe as train
+    from distributed_peft.cli import train
 
     monkeypatch.chdir(tmp_path)
     args = [a for a in quick(tmp_path, tmp_path, "training.max_steps=1") if not a.startswith("output_dir=")]
