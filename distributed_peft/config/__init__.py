@@ -55,6 +55,7 @@ from distributed_peft.config.task import (
     template_fields,
 )
 from distributed_peft.config.training import (
+    EIGHT_BIT_OPTIMIZERS,
     MAX_SEED,
     RESUME_FORCE,
     RESUME_OFF,
@@ -70,6 +71,7 @@ from distributed_peft.config.training import (
 __all__ = [
     "CONFIG_GROUPS",
     "HOST_PATTERN",
+    "EIGHT_BIT_OPTIMIZERS",
     "MAX_SEED",
     "RESUME_FORCE",
     "RESUME_OFF",

@@ -73,7 +73,7 @@ class ExploreConfig:
 
 @dataclass
 class BenchConfig:
-    """dpeft-bench: our packing against TRL's SFTTrainer on the same tiny-llama QLoRA job (benchmark.py)."""
+    """dpeft-bench: our packing against TRL's SFTTrainer on the same tiny-llama QLoRA job (benchmarks/harness.py)."""
 
     tasks: list[str] = field(default_factory=lambda: ["detox", "instruct"])
     repeats: int = 3  # every variant, interleaved with the others

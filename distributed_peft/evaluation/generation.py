@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from omegaconf import DictConfig
 
 from distributed_peft.config import load_recorded_config
 from distributed_peft.constants import ADAPTER_WEIGHTS, PREBUILT_DIR
 from distributed_peft.data.prompts import check_not_empty, generation_prompt_ids, task_record
 from distributed_peft.evaluation.inference import evaluation_mode, progress
-
-
-def _left_padded(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, width - len(ids) :] = 1
-    return input_ids, attention_mask
 
 
 def generate_batch(
@@ -32,7 +21,8 @@ def generate_batch(
     """Completions (decoded, stripped, stopped at EOS) of already tokenized prompts: greedy, or sampled at
     `temperature` > 0 from torch's global generator (seed it first for a reproducible answer)."""
     device = next(model.parameters()).device
-    input_ids, attention_mask = _left_padded(prompts, tokenizer.pad_token_id)
+    padded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")  # generation continues
+    input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]  # from the right end of every row
     with evaluation_mode(model):
         output = model.generate(
             input_ids=input_ids.to(device),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from distributed_peft.config import Optimizer
 from distributed_peft.errors import DataError, Preempted, TrainingDiverged
 from distributed_peft.runtime import termination
 from distributed_peft.runtime.distributed import global_sum
@@ -44,7 +46,7 @@ def build_optimizer(model, training) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
     import bitsandbytes as bnb
 
-    cls = bnb.optim.PagedAdamW8bit if training.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    cls = bnb.optim.PagedAdamW8bit if training.optimizer == Optimizer.PAGED_ADAMW_8BIT else bnb.optim.AdamW8bit
     return cls(params, lr=training.lr, weight_decay=training.weight_decay)
 
 
@@ -152,7 +154,7 @@ def step_optimizer(optimizer, scheduler, skipped: bool) -> None:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():  # a skipped step steps the schedule without the optimizer, on purpose
-        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before", UserWarning)
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"), UserWarning)
         scheduler.step()
 
 

@@ -74,12 +74,13 @@ class FinetuneRecipe:
 
     def _setup_distributed(self) -> None:
         """The Accelerator, this run's claim on output_dir, and the checkpoint it resumes (if any)."""
+        from distributed_peft.config import EIGHT_BIT_OPTIMIZERS
         from distributed_peft.runtime.distributed import build_accelerator, check_launch_matches
         from distributed_peft.runtime.output_dirs import claim_on_main_process
         from distributed_peft.training.checkpoints import resolve_resume, run_fingerprint
 
         cfg, training = self.cfg, self.cfg.training
-        if training.optimizer in ("paged_adamw_8bit", "adamw_8bit") and not torch.cuda.is_available():
+        if training.optimizer in EIGHT_BIT_OPTIMIZERS and not torch.cuda.is_available():
             raise ConfigError(f"training.optimizer={training.optimizer!r} needs CUDA; allowed here: adamw_torch")
         self.accelerator = build_accelerator(cfg)
         self.strategy = check_launch_matches(cfg, self.accelerator)
