@@ -72,9 +72,8 @@ class WindowStream:
         epoch, skip, generator_state = self.start
         while True:
             self._start_epoch(epoch, generator_state)
-            loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
             done, window = skip, []
-            for batch in loader:
+            for batch in self._batches(skip):
                 window.append(batch)
                 done += 1
                 if len(window) == self.accumulation:
@@ -87,6 +86,21 @@ class WindowStream:
             elif done == 0:
                 raise DataError("task.data: an epoch produced no micro batch; allowed: more training examples")
             epoch, skip, generator_state = epoch + 1, 0, None
+
+    def _batches(self, skip: int) -> Iterator:
+        """The epoch's micro batches after the first `skip`. An uninterrupted run set up this epoch's iterator before
+        its checkpoint saved the RNG; a resumed run sets it up after restoring it, and the set-up draws from torch's
+        generator (a DataLoader without its own generator takes its base seed there, at the first batch). That draw
+        must not move the RNG, or every dropout mask after a resume differs from the uninterrupted run's."""
+        if not skip:
+            yield from self.train_loader
+            return
+        batches = iter(self.accelerator.skip_first_batches(self.train_loader, skip))
+        with torch.random.fork_rng(devices=[]):  # the DataLoader draws on the CPU generator
+            first = next(batches, None)
+        if first is not None:
+            yield first
+            yield from batches
 
     def _start_epoch(self, epoch: int, generator_state: str | None) -> None:
         """The epoch's order: the samplers' epoch, and the shuffling generator as the checkpoint left it."""
