@@ -216,6 +216,7 @@ def test_a_missing_config_dir_is_one_line(tmp_path):
         compose_config(["--config-dir", str(tmp_path / "absent"), "task=detox"])
 
 
+@pytest.mark.slow
 def test_a_users_task_from_their_config_dir_trains_from_their_file(tmp_path, monkeypatch, bases):
     """The real entry point (Hydra parses --config-dir itself), run in this process."""
     from hydra.core.global_hydra import GlobalHydra

@@ -92,6 +92,7 @@ def test_moved_training_file_is_one_line_naming_the_way_on(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_reports_go_to_a_new_run_directory_never_beside_the_adapter(tmp_path, monkeypatch, capsys, bases):
     """Bullet 2: without output_dir= the reports go to a new runs/eval-<task>-<time>; the adapter's folders are
     untouched. Without a data override the recorded validation split is evaluated."""

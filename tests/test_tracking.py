@@ -11,6 +11,7 @@ from distributed_peft.evaluation.reports import plot_loss_curves
 from distributed_peft.runtime.tracking import RunLog, read_metrics
 
 
+@pytest.mark.slow
 def test_jsonl_and_tensorboard_and_offline_wandb_receive_every_logged_step(tmp_path):
     cfg = compose_config(["logging=wandb", "logging.tensorboard=true", f"output_dir={tmp_path}"])
     log = RunLog(cfg, tmp_path, is_main_process=True)

@@ -108,6 +108,7 @@ def test_qlora_adapter_learns_real_data(task, relative, columns, tmp_path, bases
     assert_adapter_complete(tmp_path / "adapter", r=16)
 
 
+@pytest.mark.slow
 def test_training_after_an_evaluation_still_updates_every_lora_layer(tmp_path, bases):
     """bitsandbytes' CPU 4-bit repack in eval mode would silently cut the input gradient through the base layers."""
     from distributed_peft.modeling.objective import completion_token_stats

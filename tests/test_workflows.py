@@ -102,6 +102,7 @@ def test_accumulation_longer_than_an_epoch_steps_the_partial_window(tmp_path, ba
 
 
 @pytest.mark.parametrize("packing", ["none", "padding_free"])
+@pytest.mark.slow
 def test_micro_2_times_accumulation_4_is_the_update_of_micro_8(packing, tmp_path, bases):
     """20 train rows: micro 8 gives batches 8, 8, 4; micro 2 x 4 gives windows of 8, 8 and a partial 4 - the same rows.
 
@@ -222,6 +223,7 @@ def test_sigterm_during_an_evaluation_between_steps_checkpoints_and_stops(monkey
     assert not any("eval/loss" in r for r in read_metrics(out)), "a cut-short evaluation is not logged as a result"
 
 
+@pytest.mark.slow
 def test_sigterm_while_saving_lets_the_checkpoint_and_the_adapter_finish(monkeypatch, tmp_path, bases, sigterm_guard):
     from distributed_peft.adapters import storage as adapters
 
@@ -266,6 +268,7 @@ def checkpointed(tmp_path, bases) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_resume_with_changed_settings_is_refused_in_one_line_naming_them(checkpointed, tmp_path, monkeypatch):
     base = quick(tmp_path, checkpointed, "training.max_steps=4", "training.checkpoint_every=2")
     for changed, named in [
@@ -283,6 +286,7 @@ def test_resume_with_changed_settings_is_refused_in_one_line_naming_them(checkpo
     assert code == USER_ERROR_EXIT_CODE and "data.sha256" in lines[0], lines
 
 
+@pytest.mark.slow
 def test_free_settings_may_change_and_force_continues_and_is_recorded(checkpointed, tmp_path, capsys):
     free = ["logging.log_every_steps=2", "training.checkpoint_every=3", "training.keep_checkpoints=1",
             "evaluation.max_new_tokens=4", "training.eval_steps=1"]  # fmt: skip
