@@ -21,9 +21,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from distributed_peft.cli.help import print_only, report_user_error
-from distributed_peft.cli.preflight import check_overrides, validate_run
+from distributed_peft.cli.preflight import check_overrides
 from distributed_peft.config import register_configs
 from distributed_peft.constants import CONF_SEARCH_PATH
+from distributed_peft.data.files import validate_run
 from distributed_peft.data.prompts import literal_overrides
 from distributed_peft.errors import USER_ERROR_EXIT_CODE, DpeftError
 

@@ -16,9 +16,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from distributed_peft.config import CONFIG_GROUPS, group_options, missing_extra, register_configs, validate
+from distributed_peft.config import CONFIG_GROUPS, group_options, missing_extra, register_configs
 from distributed_peft.constants import CONF_DIR, CONF_MODULE, CONF_SEARCH_PATH
-from distributed_peft.data.files import check_data_file
+from distributed_peft.data.files import validate_run
 from distributed_peft.data.prompts import literal_overrides
 from distributed_peft.errors import ConfigError
 
@@ -133,11 +133,6 @@ def check_hydra_choices(overrides: list[str], config_dirs: list[str]) -> None:
                 problems.append(f"{group}={choice!r} is not a known {group}; allowed: {', '.join(options)}")
     if problems:
         raise ConfigError(problems)
-
-
-def validate_run(cfg: DictConfig) -> None:
-    """A run's config and its data file's columns, every problem in one report, before any model loads."""
-    validate(cfg, checks=[check_data_file])
 
 
 def check_overrides(

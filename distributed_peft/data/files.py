@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from distributed_peft.config import data_file
+from distributed_peft.config import data_file, validate
 from distributed_peft.errors import DataError
 
 _MISSING = object()  # a record without the column
@@ -248,3 +248,8 @@ def check_data_file(cfg: DictConfig, problems: list[str]) -> None:
             f"task.data.path={str(path)!r} lacks column(s) {', '.join(missing)}; "
             f"allowed: its columns {', '.join(columns)} (map them with task.data.columns.FIELD=COLUMN)"
         )
+
+
+def validate_run(cfg: DictConfig) -> None:
+    """A run's config and its data file's columns, every problem in one report, before any model loads."""
+    validate(cfg, checks=[check_data_file])

@@ -147,8 +147,8 @@ def _data_location(data: DictConfig) -> tuple[str | None, ...]:
 def plan_evaluation(cfg: DictConfig, overrides: Sequence[str]) -> EvaluationPlan:
     """Resolve the adapter, the data and the output directory of dpeft-eval, and check them; load nothing heavy."""
     from distributed_peft.adapters.storage import read_adapter_metadata
-    from distributed_peft.config import load_recorded_config, validate
-    from distributed_peft.data.files import check_data_file
+    from distributed_peft.config import load_recorded_config
+    from distributed_peft.data.files import validate_run
     from distributed_peft.runtime.output_dirs import check_output_dir
 
     parsed = parse_user_overrides(overrides)
@@ -181,7 +181,7 @@ def plan_evaluation(cfg: DictConfig, overrides: Sequence[str]) -> EvaluationPlan
         check_output_dir(output_dir)  # before validate's write probe: a directory of the user's files stays untouched
     checked = cfg.copy()  # this command's settings, checked with the task it will evaluate and where it will write
     checked.task, checked.adapter, checked.output_dir = run_cfg.task, None, str(output_dir or RUNS_DIR)
-    validate(checked, checks=[check_data_file])
+    validate_run(checked)
     return EvaluationPlan(adapter_dir, metadata, run_cfg, whole_file, output_dir)
 
 

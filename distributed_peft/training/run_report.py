@@ -39,7 +39,7 @@ def write_run_report(
 ) -> None:
     """The adapter's record with its evaluation, the reports, loss curve and model card (main process only)."""
     from distributed_peft.adapters.model_cards import CARD, write_model_card
-    from distributed_peft.adapters.storage import ADAPTER_METADATA
+    from distributed_peft.constants import ADAPTER_METADATA
     from distributed_peft.evaluation.reports import plot_loss_curves, write_eval_reports
     from distributed_peft.runtime.redaction import redact
 
