@@ -55,14 +55,19 @@ browser:
 		fi; \
 	fi
 
+# Two pytest workers (pytest-xdist), one test file each at a time, every process on one thread (tests/conftest.py):
+# on 2 cores that halves the suite. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 # pytest exits 5 when it collected no test: make fails on any non-zero exit, so an empty suite fails CI.
 test: $(STAMP) lint browser
-	$(VENV)/bin/python -m pytest
+	$(PYTEST)
 
 # The inner loop while coding: every test that starts no extra process and trains no more than a few steps
 # (about 3 minutes on 2 cores once the embedded bases are cached; the first run builds them).
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Our packing vs TRL SFTTrainer (padded and padding-free): tokens/s, padding waste, memory, eval loss, into runs/bench.
 # Its keys (dpeft-bench --help) as BENCH: make bench BENCH="tasks=[detox] repeats=1 output_dir=runs/bench-detox"

@@ -91,6 +91,7 @@ def ddp_two_workers(tmp_path_factory, bases) -> tuple[Path, subprocess.Completed
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 @pytest.mark.parametrize("strategy,port", [("ddp", None), ("zero2", 29621), ("zero3", 29631)])
 def test_two_workers_match_one_process(strategy, port, single_process_reference, request, tmp_path):
     """QLoRA under ZeRO-3 runs on CPU: bitsandbytes' CPU 4-bit path shards once stored in the compute dtype.
@@ -127,6 +128,7 @@ def test_two_workers_match_one_process(strategy, port, single_process_reference,
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 def test_every_rank_of_a_launch_stops_when_another_run_holds_the_directory(tmp_path):
     """Rank 0 takes the lock for the whole launch; when it cannot, every rank stops, with one line between them."""
     from distributed_peft.runtime.output_dirs import DirectoryLock
@@ -145,6 +147,7 @@ def test_every_rank_of_a_launch_stops_when_another_run_holds_the_directory(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 def test_two_nodes_on_one_machine_train_the_same_adapter_as_one_node(ddp_two_workers, tmp_path):
     one_node, _ = ddp_two_workers  # 1 node x 2 workers
     two_nodes = tmp_path / "two-nodes"
@@ -172,6 +175,7 @@ def test_two_nodes_on_one_machine_train_the_same_adapter_as_one_node(ddp_two_wor
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 def test_a_dead_rank_ends_the_job_within_60_seconds(tmp_path):
     import psutil
 

@@ -177,6 +177,7 @@ ZERO2 = ["distributed=zero2", "num_gpu_workers=2", "training.packing=group_by_le
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 def test_zero2_two_processes_killed_then_preempted_resume_to_the_uninterrupted_adapter(tmp_path, bases):
     def launch(out: Path, *extra: str) -> list[str]:
         return [str(BIN / "dpeft-launch"), *RUN, *ZERO2, f"output_dir={out}", "main_process_port=29701", *extra]

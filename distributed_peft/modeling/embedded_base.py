@@ -8,7 +8,9 @@ those corpora, so that adapters have a real language model to adapt. It is cache
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -219,14 +221,38 @@ def pretrain(model, blocks: torch.Tensor, base: DictConfig) -> list[float]:
 
 def build_base(model_cfg: DictConfig, force: bool = False) -> Path:
     """Build (or find in the cache) the embedded base of a model config; return its directory."""
-    from transformers import AutoModelForCausalLM
-
     if not model_cfg.embedded:
         raise ConfigError(f"model={model_cfg.name!r} is not embedded; allowed: tiny-llama, tiny-bloom")
     target = base_dir(model_cfg)
     if (target / BASE_METADATA).is_file() and not force:
         return target
     check_cache(model_cfg)  # a read-only or full cache is one line now, not a traceback after pretraining
+    with _build_lock(target):
+        if (target / BASE_METADATA).is_file() and not force:
+            return target  # another process built it while this one waited
+        return _build(model_cfg, target)
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path):
+    """One builder per base at a time: two jobs started on a fresh machine (an array job, two test workers) would
+    otherwise both pretrain, and the second's replace would pull the directory from under the first's readers."""
+    lock_path = target.parent / f".{target.name}.lock"
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Waiting for another process that is building {target} ...", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build(model_cfg: DictConfig, target: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
     base = model_cfg.base
     print(f"Building embedded base {model_cfg.name} in {target}")
     texts = corpus_texts()
@@ -236,7 +262,6 @@ def build_base(model_cfg: DictConfig, force: bool = False) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     losses = pretrain(model, pretraining_blocks(texts, tokenizer, base.pretrain_seq_len), base)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
