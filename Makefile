@@ -59,7 +59,7 @@ browser:
 # Two pytest workers (pytest-xdist), one test file each at a time, every process on one thread (tests/conftest.py):
 # on 2 cores that halves the suite. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
-PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # pytest exits 5 when it collected no test: make fails on any non-zero exit, so an empty suite fails CI.
 test: $(STAMP) lint browser
