@@ -284,12 +284,13 @@ def describe_training(figures: RunFigures) -> str:
         + (f", MFU {figures.mfu:.1%}" if figures.mfu is not None else "")
         + (f", peak {figures.peak_memory_mib:,.0f} MiB" if figures.peak_memory_mib is not None else "")
     )
-    if not fell:
-        raise Failed(f"{text}: the loss did not fall by {LOSS_DROP:.0%}")
+    problems = [] if fell else [f"the loss did not fall by {LOSS_DROP:.0%}"]
     if missing:
-        raise Failed(f"{text}; missing in {METRICS_FILE}: {', '.join(missing)}")
-    if not 0 < figures.mfu <= 1:
-        raise Failed(f"{text}: MFU {figures.mfu} is not in (0, 1]")
+        problems.append(f"missing in {METRICS_FILE}: {', '.join(missing)}")
+    elif not 0 < figures.mfu <= 1:
+        problems.append(f"MFU {figures.mfu} is not in (0, 1]")
+    if problems:
+        raise Failed(f"{text}: {'; '.join(problems)}")
     return text
 
 

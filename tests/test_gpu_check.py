@@ -186,3 +186,28 @@ def test_every_command_line_of_the_check_composes_and_validates(tmp_path):
     assert cfg.training.packing == "padding_free" and cfg.peft.method == "lora"
     zero3 = check_overrides([*lines["zero3"], f"output_dir={tmp_path}"])
     assert (zero3.distributed.strategy, zero3.training.checkpoint_every, zero3.training.max_steps) == ("zero3", 4, 8)
+
+
+# llama-3.2-1b shrunk (tests/test_random_weights.py's copy): the check's own training command, read back as it reads it
+SHRUNK = ["hidden_size=128", "intermediate_size=256", "num_hidden_layers=2", "num_attention_heads=4",
+          "num_key_value_heads=2", "head_dim=32", "vocab_size=4096"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_real_training_run_is_read_back_as_the_check_reads_it(tmp_path, monkeypatch, bases):
+    """dpeft-train with the check's training line on a shrunk llama-3.2-1b on CPU: every step's loss, tokens/s and
+    peak memory are found under the names the check reads; only MFU is missing (a CPU has no peak to divide by)."""
+    steps = 4
+    line = [o for o in gpu_check.TRAIN if not o.startswith(("training.max_steps", "training.tokens_per_batch"))]
+    monkeypatch.setattr(gpu_check, "TRAIN", [*line, f"training.max_steps={steps}", "training.tokens_per_batch=512",
+                                             *[f"+model.config_overrides.{kv}" for kv in SHRUNK]])  # fmt: skip
+    ctx = gpu_check.Context(tmp_path / "gpu-check")
+    (ctx.out / "runs").mkdir(parents=True)
+    run_dir = gpu_check.train(ctx, "cpu_run", [])
+    figures = gpu_check.run_figures(run_dir)
+    assert sorted(figures.losses) == list(range(1, steps + 1))
+    assert figures.tokens_per_s > 0 and figures.peak_memory_mib > 0 and figures.mfu is None
+    with pytest.raises(Failed, match=r"missing in metrics.jsonl: train/mfu$"):
+        describe_training(figures)
+    assert check_adapter_complete(gpu_check.adapter_tensors(run_dir)).startswith("28 tensors complete")
+    assert (ctx.out / "runs" / "cpu_run.log").read_text().startswith("$ ")
