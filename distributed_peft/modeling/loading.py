@@ -110,10 +110,10 @@ def load_base_model(cfg: DictConfig, path: str, device: torch.device | str = "cp
     from transformers import AutoModelForCausalLM
 
     attention = cfg.model.attn_implementation
-    if cfg.training.packing == "padding_free" and attention == "sdpa":
-        from distributed_peft.modeling.packed_attention import register_packed_attention
+    if cfg.training.packing == "padding_free":
+        from distributed_peft.modeling.packed_attention import packed_attention_implementation
 
-        attention = register_packed_attention()  # sdpa per packed example instead of over the whole row
+        attention = packed_attention_implementation(attention)  # flash varlen on CUDA, sdpa per example on CPU
     kwargs = {
         "dtype": compute_dtype(cfg),
         "attn_implementation": attention,

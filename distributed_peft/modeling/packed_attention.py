@@ -1,10 +1,14 @@
-"""Attention for padding-free packed rows: each example attends only to itself, at the cost of its own length.
+"""Attention for padding-free packed rows: each example attends only to itself.
 
-A packed row of examples with lengths L1..Ln could use sdpa with a block-diagonal mask, but that computes attention
-over the whole row (sum(L)^2) and discards most of it: slower than padding on a CPU. This kernel runs causal
-sdpa on each example's slice instead (sum(Li^2)), given the example boundaries `cu_seq_lens_q` that the packed
-collator (transformers' DataCollatorWithFlattening, data/batching.py) passes through the model (the same keyword
-flash-attention's varlen path reads). Batches without it (evaluation, generation) go through plain sdpa.
+Which attention a packed row gets is chosen once, when the base loads (`packed_attention_implementation`):
+- flash attention (configured, or on CUDA when flash-attn is installed): its varlen kernels read the example
+  boundaries `cu_seq_lens_q/k` and `max_length_q/k` that the packed collator (transformers'
+  DataCollatorWithFlattening, data/batching.py) passes through the model;
+- sdpa on CUDA without flash-attn: transformers' own packed-sequence mask, found from the restarting `position_ids`
+  (masking_utils.find_packed_sequence_indices), computed once per forward;
+- on CPU, this module's kernel: causal sdpa on each example's slice (sum(Li^2)) instead of a block-diagonal mask
+  over the whole row (sum(L)^2, most of it discarded: slower than padding on a CPU). Batches without boundaries
+  (evaluation, generation) go through plain sdpa.
 """
 
 from __future__ import annotations
@@ -13,6 +17,39 @@ import torch
 import torch.nn.functional as F
 
 PACKED_SDPA = "dpeft_packed_sdpa"
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+# the one batch whose lengths are known: every layer (and a checkpointed layer's recomputation) is handed the same
+# boundaries tensor, so the host reads them once per batch, not once per layer
+_lengths_of: tuple[torch.Tensor | None, list[int]] = (None, [])
+
+
+def packed_attention_implementation(configured: str, cuda: bool | None = None, flash_attn: bool | None = None) -> str:
+    """The attn_implementation for padding-free packed rows (cuda, flash_attn: detected when None)."""
+    if configured in FLASH_ATTENTION:
+        return configured
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        return register_packed_attention()
+    if flash_attn is None:
+        from transformers.utils import is_flash_attn_2_available
+
+        flash_attn = is_flash_attn_2_available()
+    return "flash_attention_2" if flash_attn else configured
+
+
+def example_lengths(boundaries: torch.Tensor) -> list[int]:
+    """Each packed example's length, from the collator's cumulative boundaries; read from the device once per batch."""
+    global _lengths_of
+    if _lengths_of[0] is not boundaries:
+        _lengths_of = (boundaries, split_lengths(boundaries))
+    return _lengths_of[1]
+
+
+def split_lengths(boundaries: torch.Tensor) -> list[int]:
+    """The lengths as Python ints (a host sync on CUDA)."""
+    return boundaries.diff().tolist()
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -25,7 +62,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
                                       **kwargs)  # fmt: skip
     gqa = key.shape[1] != query.shape[1]
     dropout = dropout if module.training else 0.0
-    lengths = boundaries.diff().tolist()
+    lengths = example_lengths(boundaries)
     # split (one gradient concat in backward) rather than slices (each slice's backward fills a whole-row zero tensor)
     pieces = [
         F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
