@@ -15,6 +15,7 @@ CONF_MODULE = "distributed_peft.conf"
 CONF_SEARCH_PATH = f"pkg://{CONF_MODULE}"
 CONF_DIR = PACKAGE_DIR / "conf"
 SAMPLE_DATA_DIR = PACKAGE_DIR / "sample_corpora" / "data"  # the bundled sample files (task.data.sample_file)
+HUB_CONFIGS_DIR = PACKAGE_DIR / "resources" / "hub_configs"  # Hub config.json copies: model.weights=random builds them
 PREBUILT_DIR = PACKAGE_DIR / "adapters_prebuilt"  # shipped adapters (adapters_prebuilt/ in a checkout)
 
 METRICS_FILE = "metrics.jsonl"  # a run's metrics log, one JSON object per line (written in runtime, read by tools)

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig
 
 from distributed_peft.config.checks import Choice, check, check_choice
+from distributed_peft.constants import HUB_CONFIGS_DIR
 
 
 class ModelFamily(Choice):
     LLAMA = "llama"
     BLOOM = "bloom"
     MISTRAL = "mistral"
+
+
+class Weights(Choice):
+    """Where the base's weights come from: its checkpoint, or a seeded random init of its bundled Hub config.json."""
+
+    PRETRAINED = "pretrained"
+    RANDOM = "random"
 
 
 class Dtype(Choice):
@@ -52,6 +61,38 @@ class ModelConfig:
     lora_target_modules: list[str] = field(default_factory=list)
     trust_remote_code: bool = False
     base: Optional[EmbeddedBaseConfig] = None
+    weights: str = "pretrained"  # random: the architecture from resources/hub_configs/<name>.json, no download
+    init_seed: int = 0  # the random init's seed (weights=random)
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # weights=random: config.json keys replaced
+
+
+def bundled_hub_configs() -> list[str]:
+    """The models whose Hub config.json ships with the package (model.weights=random builds them)."""
+    return sorted(path.stem for path in HUB_CONFIGS_DIR.glob("*.json"))
+
+
+def _check_random_weights(model: DictConfig, problems: list[str]) -> None:
+    """weights=random needs a bundled config.json; config_overrides may only replace keys that config has."""
+    if model.weights != "random":
+        if model.config_overrides:
+            problems.append(
+                f"model.config_overrides={dict(model.config_overrides)!r} is invalid with "
+                f"model.weights={model.weights!r}; allowed: overrides only with model.weights=random"
+            )
+        return
+    bundled = bundled_hub_configs()
+    if model.embedded or model.name not in bundled:
+        problems.append(
+            f"model.weights='random' is invalid for model {model.name!r}; allowed: pretrained, or random for a model "
+            f"with a bundled Hub config: {', '.join(bundled)}"
+        )
+        return
+    known = json.loads((HUB_CONFIGS_DIR / f"{model.name}.json").read_text())["config"]
+    for key in model.config_overrides:
+        if key not in known:
+            problems.append(
+                f"model.config_overrides.{key} is not a key of {model.name}'s config.json; allowed: {', '.join(known)}"
+            )
 
 
 def _check_embedded_base(base: DictConfig, problems: list[str]) -> None:
@@ -77,6 +118,8 @@ def check_model(cfg: DictConfig, problems: list[str]) -> None:
     model = cfg.model
     check_choice(problems, "model.family", model.family, ModelFamily)
     check_choice(problems, "model.torch_dtype", model.torch_dtype, Dtype)
+    check_choice(problems, "model.weights", model.weights, Weights)
+    _check_random_weights(model, problems)
     check(problems, model.context_length > 0, "model.context_length", model.context_length, "> 0")
     if model.embedded and model.base is None:
         problems.append(f"model.base=None is invalid for embedded model {model.name!r}; it must describe its shape")

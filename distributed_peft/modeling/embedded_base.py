@@ -227,14 +227,14 @@ def build_base(model_cfg: DictConfig, force: bool = False) -> Path:
     if (target / BASE_METADATA).is_file() and not force:
         return target
     check_cache(model_cfg)  # a read-only or full cache is one line now, not a traceback after pretraining
-    with _build_lock(target):
+    with build_lock(target):
         if (target / BASE_METADATA).is_file() and not force:
             return target  # another process built it while this one waited
         return _build(model_cfg, target)
 
 
 @contextlib.contextmanager
-def _build_lock(target: Path):
+def build_lock(target: Path):
     """One builder per base at a time: two jobs started on a fresh machine (an array job, two test workers) would
     otherwise both pretrain, and the second's replace would pull the directory from under the first's readers."""
     lock_path = target.parent / f".{target.name}.lock"

@@ -24,6 +24,7 @@ class BaseIdentity:
     name_or_path: str
     fingerprint: str
     recipe: str | None = None  # recipe digest of an embedded base (embedded_base.recipe_digest), else None
+    weights: str | None = None  # "random" for a base built with model.weights=random (never a real checkpoint)
 
     def to_dict(self) -> dict[str, str]:
         return {key: value for key, value in asdict(self).items() if value is not None}
@@ -41,7 +42,14 @@ def resolve_base(model_cfg: DictConfig) -> tuple[str, BaseIdentity]:
     """The directory or hub id to load, and the base's identity (weights sha256 for embedded bases).
 
     A hub id is checked first (distributed_peft/runtime/hub.py): unreachable and not cached is a one-line ConfigError.
+    model.weights=random builds the architecture locally with random weights (modeling/random_base.py): no Hub at all.
     """
+    if model_cfg.get("weights") == "random":
+        from distributed_peft.modeling.random_base import build_random_base
+
+        directory, digest = build_random_base(model_cfg)
+        identity = BaseIdentity(model_cfg.name, model_cfg.family, model_cfg.name, f"random:{digest}", weights="random")
+        return str(directory), identity
     if model_cfg.embedded:
         from distributed_peft.modeling.embedded_base import base_metadata, build_base, recipe_digest
 
