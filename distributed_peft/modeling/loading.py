@@ -169,7 +169,11 @@ def attach_lora(model, cfg: DictConfig, gradient_checkpointing: bool = False):
 
 
 def apply_liger_kernel(model) -> bool:
-    """Swap in Liger's fused kernels (RMSNorm, RoPE, SwiGLU, fused cross-entropy) on CUDA when installed."""
+    """Swap in Liger's fused kernels (RMSNorm, RoPE, SwiGLU) on CUDA when installed; whether they are on.
+
+    The model's forward stays transformers' own: the training loss calls Liger's fused linear cross-entropy itself
+    (modeling/objective.CompletionLoss), since it is computed outside the forward, with completion-only labels.
+    """
     import warnings
 
     if not torch.cuda.is_available():
@@ -180,5 +184,5 @@ def apply_liger_kernel(model) -> bool:
     except ImportError:
         warnings.warn("training.liger_kernel=true ignored: pip install liger-kernel to use it", stacklevel=2)
         return False
-    _apply_liger_kernel_to_instance(model=model)
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
     return True

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from distributed_peft.errors import DataError, Preempted, TrainingDiverged
 from distributed_peft.runtime import termination
 from distributed_peft.runtime.distributed import global_sum
 from distributed_peft.training.checkpoints import decode_generator_state, encode_generator_state, list_checkpoints
+
+if TYPE_CHECKING:
+    from distributed_peft.modeling.objective import CompletionLoss
 
 Window = list[dict[str, torch.Tensor]]
 
@@ -124,24 +128,22 @@ def accumulation_step(accelerator, model, sync: bool):
         yield
 
 
-def backward_window(accelerator, model, window: Window, window_tokens: float) -> tuple[float, bool]:
+def backward_window(
+    accelerator, model, window: Window, window_tokens: float, loss: CompletionLoss
+) -> tuple[float, bool]:
     """Backward through each micro batch; returns this process's loss sum and whether a loss was NaN/inf on any rank.
 
-    A NaN/inf micro batch backpropagates zero instead (every rank still runs its collectives); DeepSpeed steps inside
-    backward, so there only that micro batch's gradient is dropped.
+    `loss` is the run's summed completion-only loss (from logits, or Liger's fused one). A NaN/inf micro batch
+    backpropagates zero instead (every rank still runs its collectives); DeepSpeed steps inside backward, so there
+    only that micro batch's gradient is dropped.
     """
-    from distributed_peft.data.batching import model_inputs
-    from distributed_peft.modeling.objective import loss_positions, token_stats
-
     # accelerate divides by the accumulation steps and DDP averages over ranks: undo both so the
     # gradient is that of (sum of token losses) / (tokens in the global window), whatever the window's length.
     scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / max(window_tokens, 1.0)
     loss_sum, skipped = 0.0, False
     for index, batch in enumerate(window):
         with accumulation_step(accelerator, model, sync=index == len(window) - 1):
-            keep = loss_positions(batch["labels"])  # no vocabulary projection for prompt positions
-            logits = model(**model_inputs(batch), logits_to_keep=keep).logits
-            batch_loss_sum = token_stats(logits, batch["labels"][:, keep + 1], accuracy=False)["loss_sum"].sum()
+            batch_loss_sum = loss(model, batch)
             if global_sum(accelerator, not math.isfinite(batch_loss_sum.item())) > 0:
                 skipped, batch_loss_sum = True, zero_loss(model)
             accelerator.backward(batch_loss_sum * scale)

@@ -137,13 +137,14 @@ class FinetuneRecipe:
         """The base, quantized for QLoRA, with the LoRA adapter attached: only the adapter trains."""
         from distributed_peft.config import SHARDED_PARAMETER_STRATEGIES
         from distributed_peft.modeling.loading import apply_liger_kernel, attach_lora, load_base_model
+        from distributed_peft.modeling.objective import CompletionLoss
 
         cfg, training = self.cfg, self.cfg.training
         sharded = self.strategy in SHARDED_PARAMETER_STRATEGIES
         base = load_base_model(cfg, self.base_path, device=self.accelerator.device, sharded_parameters=sharded)
-        if training.liger_kernel:
-            apply_liger_kernel(base)
+        fused_loss = training.liger_kernel and apply_liger_kernel(base)
         model = attach_lora(base, cfg, gradient_checkpointing=training.gradient_checkpointing)
+        self.loss = CompletionLoss(model, fused=fused_loss)  # Liger's fused cross-entropy when its kernels are on
         self.trainable_params, total = model.get_nb_trainable_parameters()
         self.print(
             f"model: {cfg.model.name} ({cfg.peft.method}), {self.trainable_params:,} trainable of {total:,} parameters"
@@ -303,7 +304,7 @@ class FinetuneRecipe:
 
         accelerator, model = self.accelerator, self.model
         window_tokens = global_sum(accelerator, sum(count_label_tokens(b["labels"]) for b in window))
-        loss_sum, skipped = backward_window(accelerator, model, window, window_tokens)
+        loss_sum, skipped = backward_window(accelerator, model, window, window_tokens, self.loss)
         grad_norm = None if skipped else clip_gradients(accelerator, model, self.cfg.training.max_grad_norm)
         skipped = skipped or (grad_norm is not None and not math.isfinite(float(grad_norm)))
         step_optimizer(self.optimizer, self.scheduler, skipped)
