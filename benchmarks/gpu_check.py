@@ -412,15 +412,33 @@ def same_losses_item(name: str, rtol: float, needs: str | None = None) -> Item:
     return Item(name, check)
 
 
+def packed_logit_differences(model, device: str) -> tuple[float, float, float]:
+    """(max |packed - alone|, the same for the row without its boundaries, the bf16 tolerance) for four examples
+    packed in one row by our collator (positions restarting, boundaries `cu_seq_lens_*`) and each run alone."""
+    import torch
+
+    from distributed_peft.data.batching import collate_packed, model_inputs
+
+    generator = torch.Generator().manual_seed(0)
+    examples = [torch.randint(100, model.config.vocab_size, (n,), generator=generator) for n in (37, 64, 101, 18)]
+    batch = collate_packed([{"input_ids": x.tolist(), "labels": x.tolist()} for x in examples])
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=x[None].to(device)).logits[0].float() for x in examples])
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
+        packed = model(**inputs).logits[0].float()
+        crossing = model(input_ids=inputs["input_ids"]).logits[0].float()  # attention crosses the examples
+    scale = alone.abs().max().item()
+    return (packed - alone).abs().max().item(), (crossing - alone).abs().max().item(), LOGITS_RTOL * scale
+
+
 def packed_vs_unpacked(ctx: Context) -> str:
-    """Four examples packed in one row (positions restarting, boundaries from our collator) give the logits each
-    gives alone; the same row without its boundaries (attention crossing examples) is the control that must differ."""
+    """A packed row's logits equal each example's own; the row without its boundaries is the control that must
+    differ (else the check could not see attention leaking across examples)."""
     import gc
 
     import torch
 
     from distributed_peft.cli.preflight import check_overrides
-    from distributed_peft.data.batching import collate_packed, model_inputs
     from distributed_peft.modeling.loading import load_base_model, resolve_base
 
     cfg = check_overrides(PACKED_CHECK)
@@ -428,17 +446,7 @@ def packed_vs_unpacked(ctx: Context) -> str:
     model = load_base_model(cfg, path).to("cuda").eval()
     try:
         attention = model.config._attn_implementation
-        generator = torch.Generator().manual_seed(0)
-        examples = [torch.randint(100, model.config.vocab_size, (n,), generator=generator) for n in (37, 64, 101, 18)]
-        batch = collate_packed([{"input_ids": x.tolist(), "labels": x.tolist()} for x in examples])
-        with torch.no_grad():
-            alone = torch.cat([model(input_ids=x[None].cuda()).logits[0].float() for x in examples])
-            inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
-            packed = model(**inputs).logits[0].float()
-            crossing = model(input_ids=inputs["input_ids"]).logits[0].float()
-        difference = (packed - alone).abs().max().item()
-        leak = (crossing - alone).abs().max().item()
-        tolerance = LOGITS_RTOL * alone.abs().max().item()
+        difference, leak, tolerance = packed_logit_differences(model, "cuda")
     finally:
         del model
         gc.collect()

@@ -211,3 +211,15 @@ def test_a_real_training_run_is_read_back_as_the_check_reads_it(tmp_path, monkey
         describe_training(figures)
     assert check_adapter_complete(gpu_check.adapter_tensors(run_dir)).startswith("28 tensors complete")
     assert (ctx.out / "runs" / "cpu_run.log").read_text().startswith("$ ")
+
+
+def test_packed_logits_match_each_example_alone_and_the_unbounded_row_is_a_control_that_differs(tmp_path, bases):
+    """The packed item's measurement on CPU (our packed sdpa kernel, float32) on the shrunk llama-3.2-1b."""
+    from distributed_peft.cli.preflight import check_overrides
+    from distributed_peft.modeling.loading import load_base_model, resolve_base
+
+    overrides = [*gpu_check.PACKED_CHECK, *[f"+model.config_overrides.{kv}" for kv in SHRUNK]]
+    cfg = check_overrides([*overrides, f"output_dir={tmp_path}"])
+    model = load_base_model(cfg, resolve_base(cfg.model)[0]).eval()
+    difference, leak, tolerance = gpu_check.packed_logit_differences(model, "cpu")
+    assert difference < 1e-4 < tolerance < leak, (difference, tolerance, leak)
