@@ -1,7 +1,9 @@
 """Periodic checkpoints through accelerate's `save_state`, written atomically and verified; resume from the newest.
 
     <output_dir>/checkpoints/step-000040/
-        model.safetensors | pytorch_model/   the trainable (LoRA) weights only, never the frozen base
+        model.safetensors | pytorch_model/ | pytorch_model_fsdp.bin    the trainable (LoRA) weights only, never the
+                                             frozen base (DDP/CPU: a save hook; ZeRO: exclude_frozen_parameters;
+                                             FSDP: accelerate's adapter_only, as transformers' Trainer saves it)
         optimizer.bin, scheduler, random_states_<rank>.pkl, scaler.pt        (accelerate, every mode)
         trainer_state.json   step, epoch and position in it, the sampler's generator, counters, run fingerprint
         COMPLETE.json        written last, with the size and sha256 of every file: no marker, no resume
@@ -13,6 +15,8 @@ and renames the directory: a kill at any moment leaves either a complete checkpo
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -223,12 +227,33 @@ def check_disk_space(run_dir: Path, trainable_params: int, keep: int) -> None:
         )
 
 
+@contextlib.contextmanager
+def fsdp_adapter_only():
+    """Within it, accelerate's save_state/load_state write and read an FSDP model's adapter weights only.
+
+    accelerate saves an FSDP model with `save_fsdp_model(plugin, accelerator, model, dir, i)` and no way to pass its
+    `adapter_only` (which gathers only the trainable parameters: peft's state dict, or DCP's `ignore_frozen_params`
+    under FSDP2's full state dict); transformers' Trainer passes it. This supplies it for the calls made inside.
+    """
+    import accelerate.accelerator as library
+    from accelerate.utils import load_fsdp_model, save_fsdp_model
+
+    original = library.save_fsdp_model, library.load_fsdp_model
+    library.save_fsdp_model = functools.partial(save_fsdp_model, adapter_only=True)
+    library.load_fsdp_model = functools.partial(load_fsdp_model, adapter_only=True)
+    try:
+        yield
+    finally:
+        library.save_fsdp_model, library.load_fsdp_model = original
+
+
 class Checkpointer:
     """Saves and restores the whole training state under every distributed mode; keeps the newest `keep`."""
 
     def __init__(self, accelerator, run_dir: Path, keep: int):
         self.accelerator, self.run_dir, self.keep = accelerator, Path(run_dir), keep
         self.deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+        self.fsdp = accelerator.distributed_type.name == "FSDP"
         if accelerator.is_main_process:
             remove_leftovers(self.run_dir / CHECKPOINTS_DIR)  # `.tmp-step-N` of a save that a kill interrupted
         accelerator.register_save_state_pre_hook(self._keep_trainable_weights)
@@ -270,7 +295,8 @@ class Checkpointer:
         failure: OSError | None = None
         try:
             kwargs = {"exclude_frozen_parameters": True} if self.deepspeed else {}
-            accelerator.save_state(str(tmp), **kwargs)
+            with self._trainable_only():
+                accelerator.save_state(str(tmp), **kwargs)
         except OSError as exc:
             failure = exc
         if global_sum(accelerator, failure is not None) == 0 and accelerator.is_main_process:
@@ -295,6 +321,11 @@ class Checkpointer:
         accelerator.wait_for_everyone()
         return final
 
+    def _trainable_only(self):
+        """Under FSDP, accelerate's model save and load limited to the adapter; the other modes need nothing here
+        (the save hook above, DeepSpeed's exclude_frozen_parameters)."""
+        return fsdp_adapter_only() if self.fsdp else contextlib.nullcontext()
+
     def _prune(self) -> None:
         for old in list_checkpoints(self.run_dir)[self.keep :]:
             shutil.rmtree(old, ignore_errors=True)
@@ -302,7 +333,8 @@ class Checkpointer:
     def load(self, directory: Path) -> dict[str, Any]:
         """Restore weights, optimizer, scheduler, RNG and scaler; return the trainer state saved with them."""
         kwargs = {"load_module_strict": False} if self.deepspeed else {}
-        self.accelerator.load_state(str(directory), **kwargs)
+        with self._trainable_only():
+            self.accelerator.load_state(str(directory), **kwargs)
         return read_trainer_state(directory)
 
     def remove_all(self) -> int:
