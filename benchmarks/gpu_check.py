@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -196,11 +197,18 @@ def command_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
 
 
+OUR_ERROR = re.compile(r"^dpeft-[\w-]+: [\w ]*(error|preempted)\b")  # report_user_error's lines, and pre-emption
+EXCEPTION = re.compile(r"^([\w.]+(Error|Exception)|AssertionError)\b: ")
+LAUNCHER_WRAPPERS = ("ChildFailedError", "CalledProcessError")  # torchrun's and accelerate's: the rank said why
+
+
 def error_line(output: str) -> str:
-    """The line that says why a command failed: our one-line errors, else the last line of a traceback."""
-    lines = [line for line in output.splitlines() if line.strip()]
-    ours = [line for line in lines if line.startswith("dpeft-")]
-    return one_line((ours or lines or ["no output"])[-1])
+    """The line that says why a command failed: our one-line error, else the first exception a rank raised (the
+    launcher's wrapper skipped), else the last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    ours = [line for line in lines if OUR_ERROR.match(line)]
+    raised = [line for line in lines if EXCEPTION.match(line) and not line.split(":")[0].endswith(LAUNCHER_WRAPPERS)]
+    return one_line((ours[-1:] or raised[:1] or lines[-1:] or ["no output"])[0])
 
 
 def run_command(ctx: Context, name: str, args: list[str], timeout: float = TIMEOUT_S) -> str:

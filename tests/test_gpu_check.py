@@ -223,3 +223,18 @@ def test_packed_logits_match_each_example_alone_and_the_unbounded_row_is_a_contr
     model = load_base_model(cfg, resolve_base(cfg.model)[0]).eval()
     difference, leak, tolerance = gpu_check.packed_logit_differences(model, "cpu")
     assert difference < 1e-4 < tolerance < leak, (difference, tolerance, leak)
+
+
+def test_a_failed_command_is_summed_up_by_the_line_that_says_why():
+    launch = """dpeft-launch: 1 node(s) x 1 worker(s), strategy zero3
+Traceback (most recent call last):
+  File "random_base.py", line 65, in parameter_count
+NotImplementedError: Cannot copy out of meta tensor; no data!
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+subprocess.CalledProcessError: Command '['python', '-m', 'distributed_peft.cli.train']' returned 1.
+dpeft-launch: training exited 1
+"""
+    assert gpu_check.error_line(launch) == "NotImplementedError: Cannot copy out of meta tensor; no data!"
+    ours = "dpeft-train: loading\ndpeft-train: error: training.lr=5 is invalid; allowed: > 0 and <= 1\n"
+    assert gpu_check.error_line(ours) == "dpeft-train: error: training.lr=5 is invalid; allowed: > 0 and <= 1"
+    assert gpu_check.error_line("Killed\n") == "Killed" and gpu_check.error_line("") == "no output"
