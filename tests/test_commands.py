@@ -120,5 +120,6 @@ def test_the_installed_scripts_answer_the_same(tmp_path):
         "repeats": 1,
         "examples": 400,
         "variants": None,
+        "gpu_models": ["llama-3.2-1b", "bloom-1b1"],
         "output_dir": "runs/bench",
     }

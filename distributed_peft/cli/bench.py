@@ -1,4 +1,5 @@
-"""dpeft-bench (make bench): our packing against TRL's SFTTrainer on the same QLoRA job.
+"""dpeft-bench (make bench): our packing against TRL's SFTTrainer on the same QLoRA job; with CUDA, also on
+llama-3.2-1b and bloom-1b1 with random weights, flash attention and Liger on and off (`gpu_models`).
 
 The harness is a tool for developing distributed-peft, not part of what users import: it lives in `benchmarks/`
 beside the package, in a checkout (pip install -e .), and is not in the wheel.

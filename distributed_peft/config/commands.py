@@ -11,7 +11,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from distributed_peft.config.checks import Choice, check, check_choice, unknown_keys
-from distributed_peft.config.model import ModelConfig
+from distributed_peft.config.model import ModelConfig, bundled_hub_configs
 from distributed_peft.config.root import group_options
 from distributed_peft.constants import CONF_DIR
 from distributed_peft.errors import ConfigError, DpeftError
@@ -79,6 +79,8 @@ class BenchConfig:
     repeats: int = 3  # every variant, interleaved with the others
     examples: int = 400  # per task, train + validation
     variants: list[str] = field(default_factory=BenchVariant.values)  # trl_padded always runs
+    # with CUDA, a table per model: these Hub architectures with random weights, plus flash attention and Liger
+    gpu_models: list[str] = field(default_factory=lambda: ["llama-3.2-1b", "bloom-1b1"])
     output_dir: str = run_dir("bench")  # bench.json, bench.md
 
 
@@ -96,6 +98,11 @@ def validate_bench(cfg: DictConfig) -> None:
     for variant in cfg.variants:
         if variant not in BenchVariant.values():
             problems.append(f"variants: {variant!r} is not a variant; allowed: {', '.join(BenchVariant.values())}")
+    for model in cfg.gpu_models:
+        if model not in bundled_hub_configs():
+            problems.append(
+                f"gpu_models: {model!r} has no bundled Hub config; allowed: {', '.join(bundled_hub_configs())}"
+            )
     check(problems, cfg.repeats >= 1, "repeats", cfg.repeats, "an integer >= 1")
     check(problems, cfg.examples >= 2, "examples", cfg.examples, "an integer >= 2 (one to train on, one to evaluate)")
     try:  # known before an hour of runs
