@@ -235,14 +235,25 @@ class FinetuneRecipe:
         self.scheduler.base_lrs = [training.lr for _ in self.scheduler.base_lrs]
 
     def _setup_tracking(self) -> None:
-        """The run's first files, now that settings, data and model are known to be usable; the metrics log."""
+        """The run's first files, now that settings, data and model are known to be usable; the metrics log and the
+        throughput meter (model FLOPs of this architecture, the device's peak)."""
+        from distributed_peft.config import lora_targets
+        from distributed_peft.modeling.loading import compute_dtype
         from distributed_peft.runtime.tracking import RunLog
+        from distributed_peft.training.throughput import matmul_precision, throughput_meter
 
         if self.accelerator.is_main_process:
             remove_leftovers(self.run_dir)
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
             atomic_write_text(self.run_dir / "split.json", self.data.stats.to_json())
         self.log = RunLog(self.cfg, self.run_dir, self.accelerator.is_main_process, resume_step=self.start_step or None)
+        accelerator = self.accelerator
+        precision = matmul_precision(compute_dtype(self.cfg), accelerator.mixed_precision)
+        model_config = accelerator.unwrap_model(self.model).config
+        self.meter = throughput_meter(
+            model_config, lora_targets(self.cfg), self.cfg.peft.r, accelerator.device, precision,
+            accelerator.num_processes,
+        )  # fmt: skip
 
     def abandon(self) -> None:
         """After a failed setup: release the lock and remove only what this run created in output_dir."""
@@ -260,13 +271,15 @@ class FinetuneRecipe:
         self.model.train()
         self.progress = self._progress_bar()
         self.clock = (time.perf_counter(), self.tokens_seen, self.inputs_seen)  # this process's rates start here
+        self.flops_done, self.last_rates = 0.0, {}  # model FLOPs of every rank since the clock started
         self.step_done = self.start_step
         windows = self._windows()
         with termination.deferred(), termination.phase("training"):
             for step in range(self.start_step + 1, self.total_steps + 1):
-                metrics = self.train_step(next(windows))
+                window = next(windows)
+                metrics = self.train_step(window)
                 self.step_done = step
-                elapsed = self._count_throughput(metrics)
+                elapsed = self._count_throughput(metrics, window)
                 skipped = metrics["train/skipped_nonfinite"] > 0
                 self.nonfinite_steps += int(skipped)
                 metrics.update(self._evaluate_if_due(step))
@@ -277,6 +290,7 @@ class FinetuneRecipe:
         self.progress.close()
         self.train_tokens = self.tokens_seen
         self.train_seconds = self.seconds_before + time.perf_counter() - self.clock[0]
+        self.throughput = self._throughput_summary()
 
     def _windows(self) -> Iterator[Window]:
         """The training windows, from where a resumed checkpoint stopped; the next checkpoint records their position."""
@@ -340,19 +354,34 @@ class FinetuneRecipe:
         with termination.phase("evaluating"):
             return self.evaluate()
 
-    def _count_throughput(self, metrics: dict[str, float]) -> float:
-        """Count the step's tokens and add this process's rates (a resumed run's earlier part excluded) to the
-        step's metrics; returns the seconds since train() started."""
+    def _count_throughput(self, metrics: dict[str, float], window: Window) -> float:
+        """Count the step's tokens and model FLOPs and add the rates since train() started (a resumed run's earlier
+        part excluded), MFU where the device's peak is known, and the peak memory to the step's metrics; returns the
+        seconds since train() started."""
+        from distributed_peft.runtime.distributed import global_sum
+
         self.tokens_seen += metrics["train/tokens"]
         self.inputs_seen += metrics["train/input_tokens"]
         started, tokens_at_start, inputs_at_start = self.clock
+        if self.meter.flops is not None:
+            self.flops_done += global_sum(self.accelerator, self.meter.flops.of_batches(window))
         elapsed = time.perf_counter() - started
         metrics["train/tokens_per_s"] = (self.tokens_seen - tokens_at_start) / elapsed
         metrics["train/input_tokens_per_s"] = (self.inputs_seen - inputs_at_start) / elapsed
         metrics["train/tokens_per_s_per_worker"] = metrics["train/tokens_per_s"] / self.accelerator.num_processes
         return elapsed
+        metrics.update(self.meter.step_metrics(self.flops_done, elapsed))
+        self.last_rates = metrics
 
     def _log_step(self, step: int, metrics: dict[str, float], skipped: bool) -> None:
+    def _throughput_summary(self) -> dict[str, Any]:
+        """The last step's rates and MFU, and the highest peak memory of any rank (every rank takes part)."""
+        from distributed_peft.training.throughput import peak_memory_mib, throughput_summary
+
+        mine = torch.tensor([peak_memory_mib(self.accelerator.device)[0]], device=self.accelerator.device)
+        peak = float(self.accelerator.gather(mine).max()) if self.accelerator.num_processes > 1 else float(mine)
+        return throughput_summary(self.meter, self.last_rates, peak)
+
         """Every logging.log_every_steps steps, and every step that evaluated, was skipped, or is the last."""
         due = step % self.cfg.logging.log_every_steps == 0
         if due or "eval/loss" in metrics or step == self.total_steps or skipped:
@@ -376,11 +405,11 @@ class FinetuneRecipe:
         )
 
     def _show_progress(self, metrics: dict[str, float]) -> None:
-        self.progress.set_postfix(
-            loss=f"{metrics['train/loss']:.3f}",
-            tok_s=f"{metrics['train/tokens_per_s']:,.0f}",
-            pad=f"{metrics['train/padding_waste']:.0%}",
-        )
+        shown = {"loss": f"{metrics['train/loss']:.3f}", "tok_s": f"{metrics['train/tokens_per_s']:,.0f}",
+                 "pad": f"{metrics['train/padding_waste']:.0%}"}  # fmt: skip
+        if "train/mfu" in metrics:
+            shown["mfu"] = f"{metrics['train/mfu']:.1%}"
+        self.progress.set_postfix(shown)
         self.progress.update(1)
 
     def _checkpoint_or_stop(self, step: int, skipped: bool, elapsed: float) -> None:
@@ -462,6 +491,7 @@ class FinetuneRecipe:
             "skipped_nonfinite_steps": self.nonfinite_steps,
             "seconds": self.train_seconds,
             "data": self.data.stats.summary().removeprefix("data: "),
+            "throughput": self.throughput,
             "command": redact(shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])),
         }
         if self.forced_resumes:

@@ -1,5 +1,6 @@
-"""What a finished run leaves beside its adapter: the adapter's record (dpeft_adapter.json), eval.json and eval.md,
-the loss curve and the model card (in adapter/ and, as README.md, in the run directory)."""
+"""What a finished run leaves beside its adapter: the adapter's record (dpeft_adapter.json, with the run's throughput,
+MFU and peak memory), eval.json and eval.md, the loss curve and the model card (in adapter/ and, as README.md, in the
+run directory); the summary lines it prints last."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distributed_peft.config import lora_targets
 from distributed_peft.runtime.atomic_files import atomic_write_text
+from distributed_peft.training.throughput import throughput_line
 
 
 def adapter_metadata(cfg: DictConfig, base_identity, run: dict[str, Any]) -> dict[str, Any]:
@@ -52,3 +54,5 @@ def write_run_report(
     atomic_write_text(run_dir / CARD, str(card))
     print(f"eval loss: base {results['base']['loss']:.4f} -> adapter {results['adapter']['loss']:.4f}", flush=True)
     print(f"report:  {run_dir / 'eval.md'}  (loss curve: loss.png)", flush=True)
+    if metadata["run"].get("throughput"):
+        print(throughput_line(metadata["run"]["throughput"]), flush=True)
