@@ -362,18 +362,17 @@ class FinetuneRecipe:
 
         self.tokens_seen += metrics["train/tokens"]
         self.inputs_seen += metrics["train/input_tokens"]
-        started, tokens_at_start, inputs_at_start = self.clock
         if self.meter.flops is not None:
             self.flops_done += global_sum(self.accelerator, self.meter.flops.of_batches(window))
+        started, tokens_at_start, inputs_at_start = self.clock
         elapsed = time.perf_counter() - started
         metrics["train/tokens_per_s"] = (self.tokens_seen - tokens_at_start) / elapsed
         metrics["train/input_tokens_per_s"] = (self.inputs_seen - inputs_at_start) / elapsed
         metrics["train/tokens_per_s_per_worker"] = metrics["train/tokens_per_s"] / self.accelerator.num_processes
-        return elapsed
         metrics.update(self.meter.step_metrics(self.flops_done, elapsed))
         self.last_rates = metrics
+        return elapsed
 
-    def _log_step(self, step: int, metrics: dict[str, float], skipped: bool) -> None:
     def _throughput_summary(self) -> dict[str, Any]:
         """The last step's rates and MFU, and the highest peak memory of any rank (every rank takes part)."""
         from distributed_peft.training.throughput import peak_memory_mib, throughput_summary
@@ -382,6 +381,7 @@ class FinetuneRecipe:
         peak = float(self.accelerator.gather(mine).max()) if self.accelerator.num_processes > 1 else float(mine)
         return throughput_summary(self.meter, self.last_rates, peak)
 
+    def _log_step(self, step: int, metrics: dict[str, float], skipped: bool) -> None:
         """Every logging.log_every_steps steps, and every step that evaluated, was skipped, or is the last."""
         due = step % self.cfg.logging.log_every_steps == 0
         if due or "eval/loss" in metrics or step == self.total_steps or skipped:
@@ -490,8 +490,8 @@ class FinetuneRecipe:
             "resumed_from_step": self.start_step,
             "skipped_nonfinite_steps": self.nonfinite_steps,
             "seconds": self.train_seconds,
-            "data": self.data.stats.summary().removeprefix("data: "),
             "throughput": self.throughput,
+            "data": self.data.stats.summary().removeprefix("data: "),
             "command": redact(shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])),
         }
         if self.forced_resumes:
