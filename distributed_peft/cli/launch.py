@@ -16,7 +16,6 @@ run writes nothing.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -124,27 +123,11 @@ def cuda_device_count() -> int:
         return 0
 
 
-def _fill_deepspeed_config(
-    template: dict[str, Any], cfg: DictConfig, mixed_precision: str, world: int
-) -> dict[str, Any]:
-    """The DeepSpeed json of a run: the template with its "auto" values resolved from the training config."""
-    ds = copy.deepcopy(template)
-    ds.pop("_comment", None)
-    training = cfg.training
-    ds["train_micro_batch_size_per_gpu"] = training.micro_batch_size
-    ds["gradient_accumulation_steps"] = training.gradient_accumulation_steps
-    ds["train_batch_size"] = training.micro_batch_size * training.gradient_accumulation_steps * world
-    ds["gradient_clipping"] = training.max_grad_norm
-    ds["bf16"] = {"enabled": mixed_precision == "bf16"}
-    ds["fp16"] = {"enabled": mixed_precision == "fp16"}
-    return ds
-
-
 def launch_configs(
     cfg: DictConfig, gpus: int, layout: LaunchLayout | None = None
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The accelerate config (and DeepSpeed json) for this run's strategy and node layout."""
-    from distributed_peft.runtime.distributed import resolve_mixed_precision
+    from distributed_peft.runtime.distributed import fill_deepspeed_config, resolve_mixed_precision
 
     layout = layout or launch_layout(cfg)
     strategy = cfg.distributed.strategy
@@ -171,12 +154,14 @@ def launch_configs(
         accelerate["distributed_type"] = "NO"
     if use_cpu:
         accelerate.pop("gpu_ids", None)
-    mixed_precision = "no" if use_cpu else resolve_mixed_precision(cfg.training.mixed_precision)
+    mixed_precision = resolve_mixed_precision(cfg.training.mixed_precision)  # as the training processes resolve it
     accelerate["mixed_precision"] = mixed_precision
     deepspeed = None
     if accelerate["distributed_type"] == "DEEPSPEED":
         template_path = PACKAGE_DIR / accelerate["deepspeed_config"]["deepspeed_config_file"]
-        deepspeed = _fill_deepspeed_config(json.loads(template_path.read_text()), cfg, mixed_precision, total)
+        deepspeed = json.loads(template_path.read_text())
+        deepspeed.pop("_comment", None)
+        fill_deepspeed_config(deepspeed, cfg, mixed_precision, total)  # the training processes find nothing to fill
         del accelerate["mixed_precision"]  # DeepSpeed takes it from its json; accelerate refuses both
         if use_cpu:
             # accelerate's --cpu drops DeepSpeed; without it DeepSpeed finds no GPU and runs its CPU accelerator

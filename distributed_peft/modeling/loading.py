@@ -69,15 +69,31 @@ def resolve_base(model_cfg: DictConfig) -> tuple[str, BaseIdentity]:
 
 
 def compute_dtype(cfg: DictConfig) -> torch.dtype:
-    """The dtype matmuls run in: bfloat16 on bf16 GPUs, float16 on older GPUs, float32 on CPU."""
-    requested = cfg.peft.get("quantization", {}).get("compute_dtype", "auto") if cfg.peft.method == "qlora" else "auto"
-    if requested == "auto":
-        requested = cfg.model.torch_dtype
-    if requested != "auto" and (torch.cuda.is_available() or requested == "float32"):
-        return DTYPES[requested]
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """The dtype the frozen base computes in: the run's mixed precision (bfloat16 or float16), float32 on CPU.
+
+    An explicit peft.quantization.compute_dtype is used as written; model.torch_dtype=float32 keeps the base in full
+    precision; otherwise (auto, or a checkpoint's half dtype) the base computes in training.mixed_precision's half
+    dtype, or this GPU's own (runtime/distributed.auto_precision) where that says auto or no or cannot run here (a bf16
+    run's adapter evaluated on a V100): a V100 computes a bfloat16 checkpoint in float16, with fp16 mixed precision.
+    """
+    from distributed_peft.runtime.distributed import PRECISION_DTYPES, auto_precision, bf16_supported
+
+    if not torch.cuda.is_available():
+        return torch.float32
+    quantized = cfg.peft.get("quantization", {}).get("compute_dtype", "auto") if cfg.peft.method == "qlora" else "auto"
+    if quantized != "auto":
+        if quantized == "bfloat16" and not bf16_supported():
+            raise ConfigError(
+                f"peft.quantization.compute_dtype='bfloat16' is not possible on {torch.cuda.get_device_name()} (no "
+                "native bf16); allowed here: auto (float16 here), float16, float32"
+            )
+        return DTYPES[quantized]
+    if cfg.model.torch_dtype == "float32":
+        return torch.float32
+    precision = cfg.training.mixed_precision
+    if precision not in ("bf16", "fp16") or (precision == "bf16" and not bf16_supported()):
+        precision = auto_precision()
+    return PRECISION_DTYPES[precision]
 
 
 def quantization_config(cfg: DictConfig, sharded_parameters: bool = False):
