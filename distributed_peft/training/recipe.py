@@ -320,7 +320,8 @@ class FinetuneRecipe:
         window_tokens = global_sum(accelerator, sum(count_label_tokens(b["labels"]) for b in window))
         loss_sum, skipped = backward_window(accelerator, model, window, window_tokens, self.loss)
         grad_norm = None if skipped else clip_gradients(accelerator, model, self.cfg.training.max_grad_norm)
-        skipped = skipped or (grad_norm is not None and not math.isfinite(float(grad_norm)))
+        overflow = grad_norm is not None and not math.isfinite(float(grad_norm))
+        skipped = skipped or (overflow and accelerator.scaler is None)  # fp16's scaler skips it and lowers its scale
         step_optimizer(self.optimizer, self.scheduler, skipped)
         processed = global_sum(accelerator, sum(b["input_ids"].numel() for b in window))
         real = global_sum(accelerator, sum(real_tokens(b) for b in window))
