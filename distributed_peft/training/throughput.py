@@ -252,7 +252,7 @@ def throughput_summary(meter: ThroughputMeter, last: dict[str, float], peak_memo
         "peak_tflops": meter.peak.tflops,
         "peak_memory_mib": peak_memory,
         "peak_memory_kind": peak_memory_mib(meter.device)[1],
-        "model_flops_per_token": meter.flops.per_token if meter.flops else None,
+        "model_flops_per_token": meter.flops.per_token if meter.flops else None,  # attention's term (x length) apart
     }
 
 
