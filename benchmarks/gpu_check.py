@@ -526,6 +526,8 @@ def distributed_item(strategy: str) -> Item:
                 wait_for_checkpoint(proc, run_dir, CHECKPOINT_STEP, log)
             finally:
                 kill_tree(proc)
+        if (run_dir / "adapter").exists():
+            raise Failed(f"{complete}; the run finished before it was killed (no resume to check)")
         ctx.note(f"{name}: killed after its step-{CHECKPOINT_STEP} checkpoint; rerunning the same command")
         stdout = run_command(ctx, f"{name}-resumed", command)
         if "resume: continuing from" not in stdout:
