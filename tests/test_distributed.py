@@ -74,6 +74,16 @@ def single_process_reference(tmp_path_factory, bases) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def single_process_packed_reference(tmp_path_factory, bases) -> Path:
+    """The same job packed padding-free, for ZeRO-2 (its batches are not the padded loader's: another adapter)."""
+    out = tmp_path_factory.mktemp("single-packed")
+    run_training(
+        compose_config([*RUN, "training.micro_batch_size=16", "training.packing=padding_free", f"output_dir={out}"])
+    )
+    return out
+
+
 def layout(strategy: str) -> list[str]:
     micro, accumulation = TWO_WORKER_LAYOUT[strategy]
     return [f"training.micro_batch_size={micro}", f"training.gradient_accumulation_steps={accumulation}"]
@@ -81,6 +91,21 @@ def layout(strategy: str) -> list[str]:
 
 def launch_two_workers(out: Path, strategy: str, port: int) -> subprocess.CompletedProcess:
     return launch(out, f"distributed={strategy}", "num_gpu_workers=2", "peft=qlora", *layout(strategy), port=port)
+
+
+def accelerate_launch_two_workers(out: Path, strategy: str, port: int) -> subprocess.CompletedProcess:
+    """The shipped template as a user launches it, without dpeft-launch: its DeepSpeed json says "auto" for the batch
+    numbers, and padding-free batches (a DataLoader without a batch_size) leave accelerate nothing to fill them from;
+    the training process fills them from the run's config. No --cpu: accelerate's --cpu drops DeepSpeed, which runs
+    on its CPU accelerator here (DS_ACCELERATOR=cpu, as dpeft-launch sets it on a machine without GPUs)."""
+    template = ["--config_file", f"launch/accelerate/{strategy}.yaml", "--num_processes", "2"]
+    cmd = [str(BIN / "accelerate"), "launch", *template, "--main_process_port", str(port), "-m",
+           "distributed_peft.cli.train", *RUN, f"distributed={strategy}", "peft=qlora", *layout(strategy),
+           "training.packing=padding_free", f"output_dir={out}"]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2))}
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +119,17 @@ def ddp_two_workers(tmp_path_factory, bases) -> tuple[Path, subprocess.Completed
 @pytest.mark.processes
 @pytest.mark.parametrize("strategy,port", [("ddp", None), ("zero2", 29621), ("zero3", 29631)])
 def test_two_workers_match_one_process(strategy, port, single_process_reference, request, tmp_path):
-    """QLoRA under ZeRO-3 runs on CPU: bitsandbytes' CPU 4-bit path shards once stored in the compute dtype.
+    """QLoRA under ZeRO-3 runs on CPU: bitsandbytes' CPU 4-bit path shards once stored in the compute dtype. ZeRO-2
+    is launched with the shipped template and raw `accelerate launch`, packed padding-free.
 
     DDP and ZeRO-2 also accumulate 2 micro batches of 4: each window's loss is normalised by the labelled tokens of
     the window summed over both ranks, so 2 workers x 4 x 2 is the update of one process with 16 rows."""
     if strategy == "ddp":
         out, proc = request.getfixturevalue("ddp_two_workers")
+    elif strategy == "zero2":  # dpeft-launch's ZeRO-2 path: tests/test_resume.py
+        out = tmp_path / strategy
+        proc = accelerate_launch_two_workers(out, strategy, port)
+        single_process_reference = request.getfixturevalue("single_process_packed_reference")
     else:
         out = tmp_path / strategy
         proc = launch_two_workers(out, strategy, port)
