@@ -41,6 +41,26 @@ def test_a_bundled_config_builds_the_real_architecture_on_the_meta_device(name, 
     assert grown_mib < 256, f"building {name} on the meta device grew the peak RSS by {grown_mib:.0f} MiB"
 
 
+def test_a_base_is_built_whole_on_the_building_rank_inside_a_zero3_run():
+    """Rank 0 builds a missing base while the other ranks wait at a barrier: transformers must not partition it with
+    deepspeed.zero.Init (a collective they never join); the ZeRO-3 setting is back once the base is built."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    from distributed_peft.modeling.random_base import parameter_count, random_model_config
+
+    zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        cfg = compose_config(["model=llama-3.2-1b", "model.weights=random"])
+        assert parameter_count(random_model_config(cfg.model)) == 1_235_814_400
+        assert is_deepspeed_zero3_enabled(), "the run's ZeRO-3 setting is restored"
+    finally:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        del zero3
+
+
 def test_random_weights_settings_are_checked_in_one_line_each():
     cases = {
         ("model=llama-3.2-1b", "model.weights=randm"): "model.weights='randm' is not allowed; allowed: pretrained, "

@@ -69,6 +69,35 @@ def test_unknown_plus_key_in_merge_and_generate_configs(tmp_path):
     assert error.value.problems == ["outptu='x' is not a known option; did you mean output?"]
 
 
+@pytest.mark.parametrize("command", ["generate", "merge", "explore"])
+def test_a_device_that_is_not_here_is_one_line_before_loading(command, tmp_path, monkeypatch):
+    """generate, merge and explore load the base on `device` (auto: cuda when visible); cuda on a machine without it
+    and a misspelt device are each one line."""
+    import torch
+
+    from distributed_peft.cli.preflight import check_overrides
+    from distributed_peft.config import validate_explore, validate_generate, validate_merge
+    from distributed_peft.runtime.distributed import resolve_device
+
+    validator = {"generate": validate_generate, "merge": validate_merge, "explore": validate_explore}[command]
+    args = {
+        "generate": [f"adapters=[{tmp_path}]", "prompt=hi"],
+        "merge": [f"adapter={tmp_path}", f"output={tmp_path}/m"],
+    }
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, problem in [
+        ("cuda", "device='cuda' but no CUDA device is visible here; allowed: auto, cpu"),
+        ("gpu", "device='gpu' is not allowed; allowed: auto, cpu, cuda"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            check_overrides([*args.get(command, []), f"device={device}"], command, validator)
+        assert error.value.problems == [problem]
+    assert resolve_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda" and resolve_device("cpu") == "cpu"
+    check_overrides([*args.get(command, []), "device=cuda"], command, validator)
+
+
 # --- values outside sane bounds
 
 

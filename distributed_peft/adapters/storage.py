@@ -218,7 +218,10 @@ def load_matching_base(adapter_dirs: list[str | Path], allow_mismatch: bool = Fa
     run_cfg, path, identity = recorded_base(metadatas[0])
     for metadata in metadatas:
         check_base_matches(metadata, identity, allow_mismatch)
-    return load_base_model(run_cfg, path, device=device), load_tokenizer(path), metadatas
+    base = load_base_model(run_cfg, path, device=device)
+    if run_cfg.peft.method != "qlora":  # a 4-bit base is placed on the device as it loads
+        base.to(device)
+    return base, load_tokenizer(path), metadatas
 
 
 def load_base_with_adapters(adapter_dirs: list[str | Path], allow_mismatch: bool = False, device: str = "cpu"):
@@ -253,7 +256,9 @@ def check_merge_output(output: str | Path) -> None:
         )
 
 
-def merge_adapter(adapter_dir: str | Path, output: str | Path, allow_mismatch: bool = False) -> Path:
+def merge_adapter(
+    adapter_dir: str | Path, output: str | Path, allow_mismatch: bool = False, device: str = "cpu"
+) -> Path:
     """Merge an adapter into a copy of its base and save a standard transformers model, with its tokenizer and card.
 
     A QLoRA adapter learned against the 4-bit weights, so its base is dequantized (not reloaded from the original
@@ -268,7 +273,7 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, allow_mismatch: b
     check_merge_output(output)
     claim = claim_output_dir(output, key="output", command="dpeft-merge")
     try:
-        base, tokenizer, metadatas = load_matching_base([adapter_dir], allow_mismatch)
+        base, tokenizer, metadatas = load_matching_base([adapter_dir], allow_mismatch, device)
         metadata = metadatas[0]
         quantized = metadata["peft"]["method"] == "qlora"
         if quantized:

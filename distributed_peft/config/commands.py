@@ -44,6 +44,7 @@ class GenerateConfig:
     prompt: str = "???"  # fills each task's main input field (detox: toxic, sql: question, instruct: instruction)
     inputs: dict[str, str] = field(default_factory=dict)  # other fields: +inputs.context='CREATE TABLE ...'
     max_new_tokens: int = 64
+    device: str = "auto"  # auto: cuda when available, else cpu
     allow_base_mismatch: bool = False
 
 
@@ -53,6 +54,7 @@ class MergeConfig:
 
     adapter: str = "???"
     output: str = "???"
+    device: str = "auto"  # where the base is loaded and merged; auto: cuda when available, else cpu
     allow_base_mismatch: bool = False
 
 
@@ -119,9 +121,18 @@ def _check_adapter_dirs(cfg: DictConfig, problems: list[str]) -> None:
             problems.append(f"adapters: {adapter!r} is not a directory; allowed: adapter directories")
 
 
+def _check_device(cfg: DictConfig, problems: list[str]) -> None:
+    import torch
+
+    check_choice(problems, "device", cfg.device, Device)
+    if cfg.device == Device.CUDA and not torch.cuda.is_available():
+        problems.append("device='cuda' but no CUDA device is visible here; allowed: auto, cpu")
+
+
 def validate_generate(cfg: DictConfig) -> None:
     problems = unknown_keys(cfg, GenerateConfig)
     _check_adapter_dirs(cfg, problems)
+    _check_device(cfg, problems)
     check(problems, cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "an integer >= 1")
     if problems:
         raise ConfigError(problems)
@@ -133,7 +144,7 @@ def validate_explore(cfg: DictConfig) -> None:
     check(problems, 0 < cfg.port < 65536, "port", cfg.port, "a TCP port in [1, 65535]")
     host_ok = bool(HOST_PATTERN.fullmatch(cfg.host))
     check(problems, host_ok, "host", cfg.host, "a host name or IP address such as 127.0.0.1 or 0.0.0.0")
-    check_choice(problems, "device", cfg.device, Device)
+    _check_device(cfg, problems)
     check(problems, cfg.max_new_tokens_limit >= 1, "max_new_tokens_limit", cfg.max_new_tokens_limit, "an integer >= 1")
     check(
         problems,
@@ -151,5 +162,6 @@ def validate_merge(cfg: DictConfig) -> None:
     problems = unknown_keys(cfg, MergeConfig)
     if not Path(cfg.adapter).is_dir():
         problems.append(f"adapter={cfg.adapter!r} is not a directory; allowed: an adapter directory")
+    _check_device(cfg, problems)
     if problems:
         raise ConfigError(problems)

@@ -66,6 +66,7 @@ def generate_with_adapters(cfg: DictConfig) -> dict[str, dict[str, str]]:
     the base loads, one that does not fit the context before anything is generated.
     """
     from distributed_peft.adapters.storage import load_base_with_adapters, read_adapter_metadata
+    from distributed_peft.runtime.distributed import resolve_device
     from distributed_peft.runtime.tracking import quiet_library_progress
 
     quiet_library_progress()
@@ -74,7 +75,8 @@ def generate_with_adapters(cfg: DictConfig) -> dict[str, dict[str, str]]:
     records = [task_record(run.task, cfg.prompt, inputs) for run in run_cfgs]
     for run, record in zip(run_cfgs, records, strict=True):
         check_not_empty(run.task, record)
-    model, tokenizer, names, _ = load_base_with_adapters(list(cfg.adapters), cfg.allow_base_mismatch)
+    device = resolve_device(cfg.device)
+    model, tokenizer, names, _ = load_base_with_adapters(list(cfg.adapters), cfg.allow_base_mismatch, device)
     base_model = run_cfgs[0].model  # the base every adapter is loaded onto
     ids_per_adapter = [
         generation_prompt_ids(

@@ -250,6 +250,21 @@ def build_lock(target: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def whole_on_this_process():
+    """Build a model whole in this process, also inside a DeepSpeed ZeRO-3 run: there transformers' from_config
+    partitions it with deepspeed.zero.Init, a collective that the other ranks, waiting at a barrier while rank 0
+    builds the base, never join (and a meta-device build fails with "Cannot copy out of meta tensor")."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    active = hf_deepspeed._hf_deepspeed_config_weak_ref  # what is_deepspeed_zero3_enabled() reads
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = active
+
+
 def _build(model_cfg: DictConfig, target: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
@@ -259,7 +274,8 @@ def _build(model_cfg: DictConfig, target: Path) -> Path:
     tokenizer = train_tokenizer(texts, base.vocab_size, model_cfg.family)
     config = model_config(model_cfg, tokenizer)
     torch.manual_seed(base.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with whole_on_this_process():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     losses = pretrain(model, pretraining_blocks(texts, tokenizer, base.pretrain_seq_len), base)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))

@@ -26,7 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 from distributed_peft.config import ModelConfig
 from distributed_peft.constants import CONF_DIR, HUB_CONFIGS_DIR
 from distributed_peft.errors import ConfigError, StorageError
-from distributed_peft.modeling.embedded_base import BASE_METADATA, build_base, build_lock, dpeft_home, recipe_digest
+from distributed_peft.modeling.embedded_base import (
+    BASE_METADATA,
+    build_base,
+    build_lock,
+    dpeft_home,
+    recipe_digest,
+    whole_on_this_process,
+)
 
 TOKENIZER_BASES = {"llama": "tiny-llama", "mistral": "tiny-llama", "bloom": "tiny-bloom"}
 SAVED_DTYPES = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -61,7 +68,7 @@ def parameter_count(config) -> int:
     """Parameters of the model `config` describes, built on the meta device (nothing allocated); tied ones once."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device("meta"), whole_on_this_process():
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
 
@@ -122,7 +129,8 @@ def _build(model_cfg: DictConfig, target: Path, tokenizer_dir: Path, digest: str
     print(f"Building {model_cfg.name} with random weights ({parameters:,} parameters) in {target}", flush=True)
     with torch.random.fork_rng(devices=[]):  # a cached base and a fresh one leave the run's RNG alike
         torch.manual_seed(model_cfg.init_seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=SAVED_DTYPES[model_cfg.torch_dtype])
+        with whole_on_this_process():
+            model = AutoModelForCausalLM.from_config(config, dtype=SAVED_DTYPES[model_cfg.torch_dtype])
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)

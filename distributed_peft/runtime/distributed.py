@@ -109,6 +109,13 @@ def deepspeed_plugin_for(cfg: DictConfig, mixed_precision: str):
     return plugin
 
 
+def resolve_device(choice: str) -> str:
+    """Where a command that does not train (generate, merge, explore) loads the base: auto is cuda when visible."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
 def build_accelerator(cfg: DictConfig):
     """An Accelerator whose collectives fail after `distributed.timeout_s` instead of hanging, in this machine's mixed
     precision, with the run's numbers in its DeepSpeed config."""

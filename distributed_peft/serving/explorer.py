@@ -244,13 +244,12 @@ def describe_adapters(directories: list[str], cfg: DictConfig) -> tuple[list[Tas
 
 def load_explorer(cfg: DictConfig) -> Explorer:
     """Load the base once and attach every adapter that fits it; the others are kept as unavailable."""
-    import torch
-
     from distributed_peft.modeling.loading import load_base_model, load_tokenizer
+    from distributed_peft.runtime.distributed import resolve_device
     from distributed_peft.runtime.tracking import quiet_library_progress
 
     quiet_library_progress()
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     adapters, run_cfg, path = describe_adapters(list(cfg.adapters) or default_adapters(), cfg)
     base = load_base_model(run_cfg, path, device=device)
     tokenizer = load_tokenizer(path)
