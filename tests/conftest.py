@@ -55,6 +55,8 @@ def pytest_runtest_protocol(item, nextitem):
     if not WORKER:
         yield
         return
+    if "bases" in item.fixturenames:
+        embedded_bases()  # before the locks: the other worker builds the other base meanwhile, whatever it runs
     exclusive = item.get_closest_marker("processes") is not None
     locks = TEST_HOME / "pytest-locks"
     locks.mkdir(parents=True, exist_ok=True)
@@ -103,17 +105,26 @@ def run_entry(monkeypatch, prog: str, argv: list[str]) -> tuple[int, list[str]]:
     return exit_info.value.code, lines
 
 
-@pytest.fixture(scope="session")
-def bases() -> dict[str, Path]:
+_built_bases: dict[str, Path] = {}
+
+
+def embedded_bases() -> dict[str, Path]:
     """Both embedded bases, built once (about a minute each on 2 cores) and cached in TEST_HOME. Each pytest worker
     starts with another base, so on a fresh clone two workers build them side by side (build_base locks each)."""
-    from distributed_peft.modeling.embedded_base import build_base
+    if not _built_bases:
+        from distributed_peft.modeling.embedded_base import build_base
 
-    names = ["tiny-llama", "tiny-bloom"]
-    if WORKER and int(WORKER.removeprefix("gw")) % 2:
-        names.reverse()
-    built = {name: build_base(compose_config([f"model={name}"]).model) for name in names}
-    return {name: built[name] for name in ("tiny-llama", "tiny-bloom")}
+        names = ["tiny-llama", "tiny-bloom"]
+        if WORKER and int(WORKER.removeprefix("gw")) % 2:
+            names.reverse()
+        built = {name: build_base(compose_config([f"model={name}"]).model) for name in names}
+        _built_bases.update((name, built[name]) for name in ("tiny-llama", "tiny-bloom"))
+    return _built_bases
+
+
+@pytest.fixture(scope="session")
+def bases() -> dict[str, Path]:
+    return embedded_bases()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -133,6 +144,25 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+def packed_lora_llama(bases: dict[str, Path]):
+    """A float32 LoRA model on tiny-llama with the CPU packed attention, B nudged off zero so LoRA matters, and six
+    instruct examples: (cfg, model, examples, tokenizer)."""
+    import torch
+
+    from distributed_peft.data.task_data import prepare_task_data
+    from distributed_peft.modeling.loading import attach_lora, load_base_model, load_tokenizer
+
+    cfg = compose_config(["model=tiny-llama", "peft=lora", "peft.dropout=0", "training.packing=padding_free"])
+    tokenizer = load_tokenizer(str(bases["tiny-llama"]))
+    model = attach_lora(load_base_model(cfg, str(bases["tiny-llama"])), cfg)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.02)
+    data = prepare_task_data(compose_config(["task=instruct", "task.data.max_examples=40"]), tokenizer)
+    return cfg, model, data.train[:6], tokenizer
 
 
 def patch_everywhere(monkeypatch, module: str, name: str, replacement) -> None:

@@ -6,27 +6,20 @@ from itertools import pairwise
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, packed_lora_llama
 
 from distributed_peft.data.batching import LengthAwareBatchSampler, collate_packed, model_inputs, train_loader
 from distributed_peft.data.task_data import IGNORE_INDEX, collate_padded, prepare_task_data
 from distributed_peft.errors import ConfigError
-from distributed_peft.modeling.loading import attach_lora, load_base_model, load_tokenizer
+from distributed_peft.modeling.loading import load_tokenizer
 from distributed_peft.modeling.objective import completion_token_stats
 
 
 @pytest.fixture(scope="module")
 def llama(bases):
     """A float32 LoRA model on tiny-llama with the packed attention, B nudged off zero so LoRA matters."""
-    cfg = compose_config(["model=tiny-llama", "peft=lora", "peft.dropout=0", "training.packing=padding_free"])
-    tokenizer = load_tokenizer(str(bases["tiny-llama"]))
-    model = attach_lora(load_base_model(cfg, str(bases["tiny-llama"])), cfg)
-    torch.manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.02)
-    data = prepare_task_data(compose_config(["task=instruct", "task.data.max_examples=40"]), tokenizer)
-    return model, data.train[:6], tokenizer
+    _, model, examples, tokenizer = packed_lora_llama(bases)
+    return model, examples, tokenizer
 
 
 def loss_and_grads(model, batch):

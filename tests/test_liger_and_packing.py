@@ -12,12 +12,12 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config
+from conftest import packed_lora_llama
 
 from distributed_peft.data.batching import collate_packed, model_inputs
-from distributed_peft.data.task_data import IGNORE_INDEX, collate_padded, prepare_task_data
+from distributed_peft.data.task_data import IGNORE_INDEX, collate_padded
 from distributed_peft.modeling import loading, objective, packed_attention
-from distributed_peft.modeling.loading import attach_lora, load_base_model, load_tokenizer
+from distributed_peft.modeling.loading import load_base_model
 from distributed_peft.modeling.objective import CompletionLoss, count_label_tokens
 from distributed_peft.modeling.packed_attention import PACKED_SDPA, packed_attention_implementation
 from distributed_peft.training.loop import backward_window
@@ -26,15 +26,7 @@ from distributed_peft.training.loop import backward_window
 @pytest.fixture(scope="module")
 def tiny(bases):
     """A float32 LoRA model on tiny-llama (4 layers) with the CPU packed kernel, B nudged off zero, and 6 examples."""
-    cfg = compose_config(["model=tiny-llama", "peft=lora", "peft.dropout=0", "training.packing=padding_free"])
-    tokenizer = load_tokenizer(str(bases["tiny-llama"]))
-    model = attach_lora(load_base_model(cfg, str(bases["tiny-llama"])), cfg)
-    torch.manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.02)
-    data = prepare_task_data(compose_config(["task=instruct", "task.data.max_examples=40"]), tokenizer)
-    return cfg, model, data.train[:6], tokenizer
+    return packed_lora_llama(bases)
 
 
 class FakeLigerCrossEntropy:
