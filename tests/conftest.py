@@ -47,30 +47,48 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep their own order
 
 
+_turns: dict = {}  # this worker's lock files, and whether it still holds them from the previous test
+
+
+def _runs_alone(item) -> bool:
+    return item is not None and item.get_closest_marker("processes") is not None
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Under pytest -n, a `processes` test (a 2-rank job whose ranks wait on each other in collectives) runs alone:
     beside another test its ranks are descheduled in turn and a 25 s ZeRO-2 job takes 140 s. The gate stops new tests
-    from starting while one waits for the room; tests without the mark share the room."""
+    from starting while one waits for the room; tests without the mark share the room. A worker keeps both across
+    consecutive `processes` tests, and its own in-process work in them uses every core."""
     if not WORKER:
         yield
         return
-    if "bases" in item.fixturenames:
-        embedded_bases()  # before the locks: the other worker builds the other base meanwhile, whatever it runs
-    exclusive = item.get_closest_marker("processes") is not None
-    locks = TEST_HOME / "pytest-locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / "gate", "a") as gate, open(locks / "room", "a") as room:
+    import torch
+
+    if "bases" in item.fixturenames:  # before the locks: the other worker builds the other base meanwhile
+        out, err = io.StringIO(), io.StringIO()  # outside a test pytest captures nothing
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.suppress(Exception):
+            embedded_bases()  # a failed build fails again in the test's own setup, with its traceback
+    if not _turns:
+        locks = TEST_HOME / "pytest-locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        _turns.update(gate=open(locks / "gate", "a"), room=open(locks / "room", "a"), held=False)
+    gate, room, alone = _turns["gate"], _turns["room"], _runs_alone(item)
+    if not _turns["held"]:
         fcntl.flock(gate, fcntl.LOCK_EX)
-        with contextlib.ExitStack() as held:
-            held.callback(fcntl.flock, gate, fcntl.LOCK_UN)
-            if not exclusive:
-                held.close()
-            fcntl.flock(room, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            try:
-                yield
-            finally:
-                fcntl.flock(room, fcntl.LOCK_UN)
+        if not alone:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+    torch.set_num_threads(os.cpu_count() if alone else 1)
+    try:
+        yield
+    finally:
+        _turns["held"] = alone and _runs_alone(nextitem)
+        if not _turns["held"]:
+            fcntl.flock(room, fcntl.LOCK_UN)
+            if alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+            torch.set_num_threads(1)
 
 
 def compose_config(overrides: list[str]):
@@ -125,14 +143,6 @@ def embedded_bases() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def bases() -> dict[str, Path]:
     return embedded_bases()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def one_thread_per_worker():
-    if WORKER:
-        import torch
-
-        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
