@@ -1,19 +1,21 @@
-"""Small seeded, template-generated sample corpora (detox, code instructions, text-to-SQL) for offline training."""
+"""The bundled sample data: real detox (ParaDetox) and instruct (GPTeacher) rows with held-out test files, and
+seeded template-generated text-to-SQL.
+
+`python -m distributed_peft.sample_corpora [DATASETS_DIR]` rebuilds every file from ../shared/datasets; SOURCE.md
+in data/ says where each file comes from and under which license.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import sys
 from pathlib import Path
 
-from distributed_peft.sample_corpora import detox, instruct, sql
+from distributed_peft.sample_corpora import real_data, sql
 
 DATA_DIR = Path(__file__).parent / "data"
-GENERATORS: dict[str, Callable[[int], list[dict]]] = {
-    "detox": detox.generate,
-    "instruct": instruct.generate,
-    "sql": sql.generate,
-}
+HELDOUT_DIR = DATA_DIR / "heldout"  # evaluation only: never trained on, never in a base's pretraining corpus
+SHARED_DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"  # ../shared beside a checkout
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -23,19 +25,24 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
         handle.writelines(lines)
 
 
-def write_all(out_dir: Path = DATA_DIR, seed: int = 0) -> dict[str, int]:
-    """Generate every corpus into out_dir/<name>.jsonl and return the record count of each."""
+def write_all(out_dir: Path = DATA_DIR, shared_datasets: Path = SHARED_DATASETS, seed: int = 0) -> dict[str, int]:
+    """Write every corpus into out_dir/<name>.jsonl and the held-out files into out_dir/heldout/; return the record
+    count of each (held-out ones as heldout/<name>)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "heldout").mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
-    for name, generate in GENERATORS.items():
-        records = generate(seed)
-        write_jsonl(out_dir / f"{name}.jsonl", records)
-        counts[name] = len(records)
+    for name, (train, heldout) in real_data.build_real_corpora(Path(shared_datasets)).items():
+        write_jsonl(out_dir / f"{name}.jsonl", train)
+        write_jsonl(out_dir / "heldout" / f"{name}.jsonl", heldout)
+        counts[name], counts[f"heldout/{name}"] = len(train), len(heldout)
+    records = sql.generate(seed)
+    write_jsonl(out_dir / "sql.jsonl", records)
+    counts["sql"] = len(records)
     return counts
 
 
 def main() -> None:
-    """Regenerate the committed sample corpora and print their record counts."""
-    for name, count in write_all().items():
+    """Rebuild the committed sample corpora and print their record counts."""
+    shared = Path(sys.argv[1]) if len(sys.argv) > 1 else SHARED_DATASETS
+    for name, count in write_all(shared_datasets=shared).items():
         print(f"{name}: {count} records -> {DATA_DIR / (name + '.jsonl')}")
