@@ -41,7 +41,7 @@ def paradetox_records(path: Path) -> list[dict[str, str]]:
         cells = [row["toxic"], row["neutral1"], row["neutral2"], row["neutral3"]]
         if any("\n" in cell for cell in cells) or not cells[0].strip() or not cells[1].strip():
             continue
-        records.append(dict(zip(DETOX_COLUMNS, (cell.strip() for cell in cells))))
+        records.append(dict(zip(DETOX_COLUMNS, (cell.strip() for cell in cells), strict=True)))
     return records
 
 
