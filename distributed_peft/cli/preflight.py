@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distributed_peft.config import CONFIG_GROUPS, group_options, missing_extra, register_configs
@@ -194,5 +194,21 @@ def check_overrides(
                 f"allowed: choose it first ({group}=NAME) or drop the key"
             )
         raise ConfigError(problems) from exc
+    _check_task_overrides(cfg, parsed)
     validator(cfg)
     return cfg
+
+
+def _check_task_overrides(cfg: DictConfig, parsed: list) -> None:
+    """With tasks=[...], a `task` choice or `task.KEY=` would silently apply to no task: each task's keys go under
+    per_task.NAME.task."""
+    if not OmegaConf.select(cfg, "tasks"):
+        return
+    problems = [
+        f"{o.input_line} applies to a one-task run; with tasks={list(cfg.tasks)} "
+        + (f"set it for one task: per_task.NAME.{o.key_or_group}" if "." in o.key_or_group else "list the tasks there")
+        for o in parsed
+        if o.key_or_group == "task" or o.key_or_group.startswith("task.")
+    ]
+    if problems:
+        raise ConfigError(problems)

@@ -1,6 +1,7 @@
 """Typed config schemas registered in Hydra's ConfigStore, and validation of a composed config.
 
-One module per config group, each holding its schema, the allowed values of its keys (`Choice` enums) and its checks:
+One module per config group (and `tasks`: several task adapters in one job), each holding its schema, the allowed
+values of its keys (`Choice` enums) and its checks:
 task, model, peft, distributed, training, logging, evaluation; the root `Config` and `validate` (root), the commands
 that do not train (commands), the ConfigStore and saved configs (store), and the shared problem collection (checks).
 Nothing here imports torch or reads a data file: a bad value is reported in a fraction of a second, before any model
@@ -41,7 +42,7 @@ from distributed_peft.config.peft import (
     check_lora_rank,
     lora_targets,
 )
-from distributed_peft.config.root import CONFIG_GROUPS, Check, Config, group_options, validate
+from distributed_peft.config.root import CONFIG_GROUPS, Check, Config, group_options, task_configs, validate
 from distributed_peft.config.store import load_recorded_config, register_configs, to_yaml
 from distributed_peft.config.task import (
     DataConfig,
@@ -54,6 +55,7 @@ from distributed_peft.config.task import (
     resolve_data_source,
     template_fields,
 )
+from distributed_peft.config.tasks import PER_TASK_TRAINING_KEYS, Interleave
 from distributed_peft.config.training import (
     EIGHT_BIT_OPTIMIZERS,
     MAX_SEED,
@@ -71,6 +73,8 @@ from distributed_peft.config.training import (
 __all__ = [
     "CONFIG_GROUPS",
     "HOST_PATTERN",
+    "PER_TASK_TRAINING_KEYS",
+    "Interleave",
     "EIGHT_BIT_OPTIMIZERS",
     "MAX_SEED",
     "RESUME_FORCE",
@@ -121,6 +125,7 @@ __all__ = [
     "register_configs",
     "resolve_data_format",
     "resolve_data_source",
+    "task_configs",
     "template_fields",
     "to_yaml",
     "unknown_keys",

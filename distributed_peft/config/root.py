@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from distributed_peft.config.checks import missing_extra, unknown_keys
 from distributed_peft.config.distributed import DistributedConfig, check_distributed
@@ -17,6 +18,7 @@ from distributed_peft.config.logging import LoggingConfig, check_logging
 from distributed_peft.config.model import ModelConfig, check_model
 from distributed_peft.config.peft import PeftConfig, PeftMethod, check_peft
 from distributed_peft.config.task import TaskConfig, check_task_data, check_task_metrics
+from distributed_peft.config.tasks import check_tasks, task_run_configs
 from distributed_peft.config.training import EIGHT_BIT_OPTIMIZERS, TrainingConfig, check_training
 from distributed_peft.constants import CONF_DIR
 from distributed_peft.errors import ConfigError, DpeftError
@@ -49,6 +51,10 @@ class Config:
     main_process_ip: Optional[str] = None
     main_process_port: Optional[int] = None
     allow_base_mismatch: bool = False  # load an adapter onto a base other than the one it was trained on
+    # several task adapters in one job on one base load (config/tasks.py): tasks=[sql,detox,instruct], and each
+    # task's own task/training/evaluation keys under per_task.<task>; empty: the one task of the `task` group
+    tasks: list[str] = field(default_factory=list)
+    per_task: dict[str, Any] = field(default_factory=dict)
 
 
 def group_options(group: str, config_dirs: Sequence[str | Path] = ()) -> list[str]:
@@ -75,23 +81,55 @@ def _check_extras(cfg: DictConfig, problems: list[str]) -> None:
             problems.append(problem)
 
 
-def validate(cfg: DictConfig, checks: Sequence[Check] = ()) -> None:
-    """Raise ConfigError listing every invalid value of a composed config; load nothing heavy.
-
-    `checks` (from the layers above, e.g. data.files.check_data_file) add their problems after the task's data
-    settings, into the same report.
-    """
-    problems = unknown_keys(cfg, Config)
-    check_model(cfg, problems)
-    check_peft(cfg, problems)
-    check_distributed(cfg, problems)
+def _task_problems(cfg: DictConfig, checks: Sequence[Check]) -> list[str]:
+    """The problems of one task's settings: its training keys, metrics, evaluation and data."""
+    problems: list[str] = []
     check_training(cfg, problems)
-    check_logging(cfg, problems)
     check_task_metrics(cfg, problems)
     check_evaluation(cfg, problems)
     check_task_data(cfg, problems)
     for extra_check in checks:
         extra_check(cfg, problems)
+    return problems
+
+
+def task_configs(cfg: DictConfig, config_dirs: Sequence[str | Path] = ()) -> dict[str, DictConfig]:
+    """Each task's own run config of a multi-task job (`tasks=[...]`), typed by the schema: the config it would have
+    trained with alone, its output_dir `<output_dir>/<task>`. Raises ConfigError on a per-task key the schema lacks."""
+    configs, problems = {}, []
+    for name, run in task_run_configs(cfg, tuple(config_dirs)).items():
+        try:
+            configs[name] = OmegaConf.merge(OmegaConf.structured(Config), run)
+        except OmegaConfBaseException as exc:
+            problems.append(f"per_task.{name}: {str(exc).splitlines()[0]}")
+    if problems:
+        raise ConfigError(problems)
+    return configs
+
+
+def validate(cfg: DictConfig, checks: Sequence[Check] = (), config_dirs: Sequence[str | Path] = ()) -> None:
+    """Raise ConfigError listing every invalid value of a composed config; load nothing heavy.
+
+    `checks` (from the layers above, e.g. data.files.check_data_file) add their problems after the task's data
+    settings, into the same report. A multi-task job checks the shared settings once and each task's own settings
+    (its task group, per_task keys, data) as `task NAME: ...` lines.
+    """
+    problems = unknown_keys(cfg, Config)
+    check_model(cfg, problems)
+    check_peft(cfg, problems)
+    check_distributed(cfg, problems)
+    if cfg.tasks:
+        check_training(cfg, problems)
+        check_tasks(cfg, group_options("task", config_dirs), problems)
+        if not problems:
+            try:
+                for name, task_cfg in task_configs(cfg, config_dirs).items():
+                    problems += [f"task {name}: {p}" for p in _task_problems(task_cfg, checks) if p not in problems]
+            except ConfigError as error:
+                problems += error.problems
+    else:
+        problems += _task_problems(cfg, checks)
+    check_logging(cfg, problems)
     _check_extras(cfg, problems)
     try:  # output_dir: absent, empty or ours, and writable, known before torch is imported
         check_output_dir(cfg.output_dir)

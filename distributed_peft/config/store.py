@@ -25,6 +25,13 @@ def register_configs() -> None:
     store.store(name="bench_config", node=BenchConfig)
     if not OmegaConf.has_resolver("dpeft_output_dir"):
         OmegaConf.register_new_resolver("dpeft_output_dir", default_output_dir)
+    if not OmegaConf.has_resolver("dpeft_job_name"):
+        OmegaConf.register_new_resolver("dpeft_job_name", job_name)
+
+
+def job_name(tasks: Any, task_name: str) -> str:
+    """A run's name in its default output_dir: the task's, or a multi-task job's tasks joined (detox+instruct+sql)."""
+    return "+".join(map(str, tasks)) if tasks else task_name
 
 
 def load_recorded_config(recorded: dict[str, Any] | DictConfig) -> DictConfig:

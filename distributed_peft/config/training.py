@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from distributed_peft.config.checks import Choice, check, check_choice
 from distributed_peft.config.model import ModelFamily
+from distributed_peft.config.tasks import Interleave
 
 
 class LrScheduler(Choice):
@@ -90,6 +91,7 @@ class TrainingConfig:
     # from the newest checkpoint even when settings changed (recorded in the run's metadata); or a checkpoint path
     resume: str = "auto"
     max_nonfinite_steps: int = 10  # steps with a NaN/inf loss skipped before the run stops (exit code 3)
+    interleave: str = "round_robin"  # tasks=[...]: round_robin (one step of each task in turn) or proportional
 
 
 def _check_packing(cfg: DictConfig, problems: list[str]) -> None:
@@ -146,6 +148,7 @@ def check_training(cfg: DictConfig, problems: list[str]) -> None:
     check(problems, 0 <= training.seed <= MAX_SEED, "training.seed", training.seed, f"in [0, {MAX_SEED}]")
     _check_packing(cfg, problems)
     check_choice(problems, "training.mixed_precision", training.mixed_precision, MixedPrecision)
+    check_choice(problems, "training.interleave", training.interleave, Interleave)
     for key, minimum in (("checkpoint_every", 0), ("keep_checkpoints", 1), ("max_nonfinite_steps", 0)):
         check(problems, training[key] >= minimum, f"training.{key}", training[key], f"an integer >= {minimum}")
     resume = str(training.resume)

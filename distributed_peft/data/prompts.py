@@ -167,15 +167,19 @@ def _template_escapes(text: str) -> str:
 def literal_overrides(argv: list[str], config_name: str = "config") -> list[str]:
     """The command line with templates (and dpeft-generate's prompt and inputs) made literal for Hydra (idempotent).
 
-    `task.*_template=` values, and under the `generate` config `prompt=` and `inputs.FIELD=`, are quoted for Hydra
-    when the shell stripped the quotes, with `${` kept as text; templates also turn `\\n`/`\\t` into newlines/tabs, and
-    `inputs.FIELD=` needs no `+`. Other arguments are left as they are.
+    `task.*_template=` values (also a task's own, `per_task.NAME.task.*_template=`), and under the `generate` config
+    `prompt=` and `inputs.FIELD=`, are quoted for Hydra when the shell stripped the quotes, with `${` kept as text;
+    templates also turn `\\n`/`\\t` into newlines/tabs. `inputs.FIELD=` and `per_task.NAME.KEY=` need no `+` (both
+    start empty). Other arguments are left as they are.
     """
     literal = []
     for arg in argv:
         key, sep, value = arg.partition("=")
         name = key.lstrip("+")
-        template = name in TEMPLATE_KEYS and value != "null"
+        if sep and key == name and config_name == "config" and name.startswith("per_task."):
+            key = "++" + name  # per_task starts empty: a task's key is added (or replaced) without the user's `+`
+            arg = f"{key}={value}"
+        template = re.sub(r"^per_task\.[^.]+\.", "", name) in TEMPLATE_KEYS and value != "null"
         text_key = config_name == "generate" and (name == "prompt" or bool(re.fullmatch(r"inputs\.[^.]+", name)))
         if sep and not arg.startswith("-") and (template or text_key):
             text = _unquoted(value)
