@@ -16,7 +16,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-from distributed_peft.adapters.metric_table import COUNT_METRICS, metrics_table
+from distributed_peft.adapters.metric_table import COUNT_METRICS, better, metrics_table
 from distributed_peft.constants import ADAPTER_CONFIG, ADAPTER_METADATA
 from distributed_peft.modeling.loading import portable_base_name
 from distributed_peft.runtime.atomic_files import atomic_write_text
@@ -25,6 +25,7 @@ from distributed_peft.runtime.redaction import redact, redact_values
 PIPELINE_TAG = "text-generation"
 PROJECT_TAG = "distributed-peft"
 CARD = "README.md"
+HELDOUT_REPORT = "heldout.json"  # evaluation/heldout.py's report: the card shows its table when it sits beside
 PEFT_BASE_TAG = "base_model:adapter:"  # peft tags an adapter with the path its base loaded from
 
 
@@ -151,8 +152,32 @@ def _composed_config(metadata: dict[str, Any]) -> list[str]:
     ]
 
 
-def adapter_card_text(metadata: dict[str, Any], results: dict[str, Any] | None, peft_version: str | None) -> str:
-    """The adapter card's markdown: base, fingerprint, task, method, data, training, evaluation, command, config."""
+def heldout_section(report: dict[str, Any], heading: str | None = "## On real text it was not trained on") -> list[str]:
+    """The held-out report as markdown lines: which rows, the table (one row per system), how to read it."""
+    systems, data = report["systems"], report["data"]
+    metrics = list(systems["adapter"])
+    lines = [heading, ""] if heading else []
+    lines += [
+        f"{data['rows']} rows of `{data['file']}` (real text, in no training file), greedy decoding, at most "
+        f"{report['generation']['max_new_tokens']} new tokens; BLEU and chrF against every reference of a row "
+        f"({data['references_per_row']} per row on average).",
+        "",
+        "| system | " + " | ".join(f"{m} ({better(m)} is better)" for m in metrics) + " |",
+        "| --- |" + " --- |" * len(metrics),
+    ]
+    for name, scores in systems.items():
+        lines.append(f"| {report['labels'][name]} | " + " | ".join(f"{scores[m]:.2f}" for m in metrics) + " |")
+    return [*lines, "", report["reading"], ""]
+
+
+def adapter_card_text(
+    metadata: dict[str, Any],
+    results: dict[str, Any] | None,
+    peft_version: str | None,
+    heldout: dict[str, Any] | None = None,
+) -> str:
+    """The adapter card's markdown: base, fingerprint, task, method, data, training, evaluation (the validation split
+    and, when there is a held-out report, real text it was not trained on), command, config."""
     base, run, peft = metadata["base"], metadata["run"], metadata["peft"]
     lines = [
         f"# {metadata['task']} adapter on {base['name']}",
@@ -167,6 +192,8 @@ def adapter_card_text(metadata: dict[str, Any], results: dict[str, Any] | None, 
     ]
     if results:
         lines += ["## Evaluation (validation split)", "", metrics_table(results), ""]
+    if heldout:
+        lines += heldout_section(heldout)
     lines += ["## Reproduce", "", "The command line that trained this adapter:", "", "```", run["command"], "```", ""]
     lines += _composed_config(metadata)
     if peft_version:
@@ -179,6 +206,7 @@ def adapter_card(
     results: dict[str, Any] | None,
     existing: ModelCard | None = None,
     peft_version: str | None = None,
+    heldout: dict[str, Any] | None = None,
 ) -> ModelCard:
     """The adapter's card: `existing` metadata (peft's) kept, ours set over it; model-index from `results`."""
     data = existing.data if existing is not None else ModelCardData()
@@ -198,7 +226,7 @@ def adapter_card(
     if results:
         data.model_name = f"{metadata['task']}-{method}-adapter-{base.rsplit('/', 1)[-1]}"
         data.eval_results = eval_results(metadata, results)
-    return _card(data, adapter_card_text(metadata, results, peft_version))
+    return _card(data, adapter_card_text(metadata, results, peft_version, heldout))
 
 
 def _card(data: ModelCardData, text: str) -> ModelCard:
@@ -214,13 +242,16 @@ def model_card(metadata: dict[str, Any], results: dict[str, Any] | None) -> str:
 def write_model_card(path: Path, metadata: dict[str, Any], results: dict[str, Any] | None) -> ModelCard:
     """Write the adapter card to `path`, keeping the metadata of the card already there (peft's, or an earlier one).
 
-    The PEFT version comes from the adapter_config.json beside it, when there is one.
+    The PEFT version comes from the adapter_config.json beside it, and the held-out table from heldout.json, when
+    they are there.
     """
     path = Path(path)
     existing = None
     if path.is_file() and REGEX_YAML_BLOCK.search(path.read_text()):  # a card with metadata (peft's, or ours)
         existing = ModelCard.load(path, ignore_metadata_errors=True)
-    card = adapter_card(metadata, results, existing, _peft_version(path.parent))
+    heldout = path.parent / HELDOUT_REPORT
+    report = json.loads(heldout.read_text(encoding="utf-8")) if heldout.is_file() else None
+    card = adapter_card(metadata, results, existing, _peft_version(path.parent), report)
     atomic_write_text(path, str(card))
     return card
 

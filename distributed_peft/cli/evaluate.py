@@ -13,6 +13,7 @@ from distributed_peft.config import group_options
 from distributed_peft.constants import ADAPTER_METADATA
 from distributed_peft.errors import ConfigError
 from distributed_peft.evaluation.evaluator import parse_user_overrides, plan_evaluation, run_evaluation
+from distributed_peft.evaluation.heldout import plan_heldout, run_heldout
 
 
 def command_line_overrides() -> list[str]:
@@ -24,8 +25,12 @@ def command_line_overrides() -> list[str]:
 
 
 def validate_evaluation(cfg: DictConfig) -> None:
-    """dpeft-eval's config check: the task it will evaluate is the adapter's, with the command line's overrides."""
-    plan_evaluation(cfg, command_line_overrides())
+    """dpeft-eval's config check: the task it will evaluate is the adapter's, with the command line's overrides (with
+    heldout=true: the adapter's task has bundled held-out rows)."""
+    if cfg.heldout:
+        plan_heldout(cfg, command_line_overrides())
+    else:
+        plan_evaluation(cfg, command_line_overrides())
 
 
 def with_adapter_task(argv: list[str]) -> list[str]:
@@ -54,7 +59,10 @@ def with_adapter_task(argv: list[str]) -> list[str]:
 
 @hydra_app("dpeft-eval", validator=validate_evaluation)
 def _evaluate_app(cfg: DictConfig) -> None:
-    run_evaluation(cfg, list(HydraConfig.get().overrides.task))
+    if cfg.heldout:
+        run_heldout(cfg, list(HydraConfig.get().overrides.task))
+    else:
+        run_evaluation(cfg, list(HydraConfig.get().overrides.task))
 
 
 def main() -> None:

@@ -165,3 +165,9 @@ def validate_merge(cfg: DictConfig) -> None:
     _check_device(cfg, problems)
     if problems:
         raise ConfigError(problems)
+
+
+def check_heldout_options(cfg: DictConfig, problems: list[str]) -> None:
+    """dpeft-eval heldout=true's keys (in the root schema, beside `adapter`)."""
+    rows = cfg.heldout_rows
+    check(problems, rows is None or rows >= 1, "heldout_rows", rows, "an integer >= 1, or null for every held-out row")

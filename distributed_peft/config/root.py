@@ -42,6 +42,8 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     output_dir: str = run_dir("${task.name}-${model.name}")  # conf/config.yaml: the same rule, multirun-aware
     adapter: Optional[str] = None  # dpeft-eval: a trained run's adapter directory
+    heldout: bool = False  # dpeft-eval: score on the bundled held-out real text, beside baselines (evaluation/heldout)
+    heldout_rows: Optional[int] = None  # dpeft-eval heldout=true: the first N held-out rows; null: all of them
     # dpeft-launch: workers per node and the node layout. null: the environment variable (NUM_GPU_WORKERS,
     # NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT), else 1 node x 1 worker on 127.0.0.1:29500.
     # Only dpeft-launch reads and checks them (distributed_peft/cli/launch.py: launch_layout).

@@ -57,7 +57,10 @@ RUN_FILES = {
 
 
 def export_prebuilt(run_dir: Path, destination: Path) -> Path:
-    """Copy a finished run into adapters_prebuilt/<task>: the adapter, its config, metrics, card and plots."""
+    """Copy a finished run into adapters_prebuilt/<task>: the adapter, its config, metrics, card and plots, and its
+    held-out report (heldout.json/.md/.png: the bundled real text it was not trained on, beside the baselines)."""
+    from distributed_peft.evaluation.heldout import write_heldout_report
+
     if destination.exists():
         shutil.rmtree(destination)
     destination.mkdir(parents=True)
@@ -65,6 +68,7 @@ def export_prebuilt(run_dir: Path, destination: Path) -> Path:
         shutil.copy2(run_dir / "adapter" / name, destination / name)
     for source, target in RUN_FILES.items():
         shutil.copy2(run_dir / source, destination / target)
+    write_heldout_report(destination, skip_without_heldout=True)  # real text it was not trained on, in its card
     return destination
 
 
