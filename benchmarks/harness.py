@@ -130,7 +130,7 @@ def run_ours(cfg, out: Path) -> dict[str, Any]:
     rows = [r for r in read_metrics(out) if "train/input_tokens" in r]
     result = {"seconds": recipe.train_seconds, "nonpad_tokens": sum(r["train/input_tokens"] for r in rows),
               "padding_waste": statistics.fmean(r["train/padding_waste"] for r in rows),
-              "eval_loss": evaluate_loss(recipe.model, recipe.eval_loader, recipe.accelerator)["loss"]}  # fmt: skip
+              "eval_loss": evaluate_loss(recipe.model, recipe.runs[0].eval_loader, recipe.accelerator)["loss"]}  # fmt: skip
     recipe.cleanup()
     return result
 

@@ -131,7 +131,7 @@ def test_grouped_micro_batches_weigh_tokens_across_the_window(tmp_path, bases):
         cfg = compose_config(quick(tmp_path, out, "training.packing=group_by_length", EXACT_LR))
         recipe = FinetuneRecipe(cfg)
         recipe.setup()
-        rows = sorted(recipe.data.train[:8], key=lambda e: len(e["input_ids"]))
+        rows = sorted(recipe.runs[0].data.train[:8], key=lambda e: len(e["input_ids"]))
         size = 8 // windows_of
         window = [collate_padded(rows[i : i + size], recipe.tokenizer) for i in range(0, 8, size)]
         recipe.model.train()

@@ -25,8 +25,11 @@ MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors refuses larger headers
 REPAIR = "copy the adapter directory again whole, or retrain it"
 
 
-def save_adapter(accelerator, model, tokenizer, directory: Path, metadata: dict[str, Any]) -> Path:
-    """Save the LoRA weights, gathered from every rank first (ZeRO-3 shards would otherwise save empty)."""
+def save_adapter(
+    accelerator, model, tokenizer, directory: Path, metadata: dict[str, Any], adapter_name: str = "default"
+) -> Path:
+    """Save the LoRA weights of one adapter, gathered from every rank first (ZeRO-3 shards would otherwise save
+    empty). Another adapter than "default" (a multi-task job's) is saved the same way, its files at the top."""
     from distributed_peft.adapters.model_cards import CARD, write_model_card
     from distributed_peft.runtime.redaction import redact
 
@@ -35,8 +38,16 @@ def save_adapter(accelerator, model, tokenizer, directory: Path, metadata: dict[
         # written whole under a temporary name, then renamed: a crash never leaves a partial adapter behind
         with atomic_directory(directory) as staging:
             accelerator.unwrap_model(model).save_pretrained(
-                staging, state_dict=state_dict, safe_serialization=True, is_main_process=True
+                staging,
+                state_dict=state_dict,
+                safe_serialization=True,
+                is_main_process=True,
+                selected_adapters=[adapter_name],
             )
+            if adapter_name != "default":  # peft writes any other adapter into a subdirectory of its name
+                for path in (staging / adapter_name).iterdir():
+                    path.rename(staging / path.name)
+                (staging / adapter_name).rmdir()
             tokenizer.save_pretrained(staging)
             _portable_base_name(staging / ADAPTER_CONFIG, metadata["base"])
             write_model_card(staging / CARD, metadata, None)  # over peft's card (its base a local path), not yet rated

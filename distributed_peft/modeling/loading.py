@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -152,8 +153,13 @@ def load_base_model(cfg: DictConfig, path: str, device: torch.device | str = "cp
     return model
 
 
-def attach_lora(model, cfg: DictConfig, gradient_checkpointing: bool = False):
-    """Wrap the base in a trainable LoRA adapter over the configured target modules."""
+def attach_lora(model, cfg: DictConfig, gradient_checkpointing: bool = False, adapters: Sequence[tuple[str, int]] = ()):
+    """Wrap the base in trainable LoRA adapters over the configured target modules.
+
+    `adapters`: (name, seed) of each adapter, each initialised right after torch is seeded with its seed, so that an
+    adapter of a multi-task job starts exactly as it would alone; empty: one adapter, "default", on torch's RNG as
+    it stands. Every adapter stays trainable (the active one is chosen per step with `activate_adapter`).
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from distributed_peft.modeling.lora_dropout import use_sparse_dropout
@@ -179,9 +185,38 @@ def attach_lora(model, cfg: DictConfig, gradient_checkpointing: bool = False):
         bias=cfg.peft.bias,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    for index, (name, seed) in enumerate(adapters or [("default", None)]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = get_peft_model(model, lora, adapter_name=name) if index == 0 else _added(model, name, lora)
     use_sparse_dropout(model)  # the same dropout distribution, without one random draw per element on CPU
     return model
+
+
+def _added(model, name: str, lora):
+    """A further adapter added to a peft model; every adapter stays trainable (peft freezes all but the active one,
+    which under DDP or ZeRO would drop the others from the gradient reduction and the optimizer)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model.add_adapter(name, lora)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for layer_name in module.adapter_layer_names:
+                for layer in getattr(module, layer_name).values():
+                    layer.requires_grad_(True)
+    return model
+
+
+def activate_adapter(model, name: str) -> None:
+    """Route the forward through adapter `name` alone, without touching which parameters require grad (peft's
+    set_adapter would freeze the others, changing the set of trainable parameters that DDP and ZeRO were set up with).
+    `model` is the peft model (unwrapped)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module._active_adapter = [name]
+    model.base_model.active_adapter = name
 
 
 def apply_liger_kernel(model) -> bool:

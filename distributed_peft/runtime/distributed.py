@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from distributed_peft.errors import ConfigError
 
@@ -120,7 +120,7 @@ def build_accelerator(cfg: DictConfig):
     """An Accelerator whose collectives fail after `distributed.timeout_s` instead of hanging, in this machine's mixed
     precision, with the run's numbers in its DeepSpeed config."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     from distributed_peft.runtime.tracking import quiet_deepspeed_setup
 
@@ -131,6 +131,8 @@ def build_accelerator(cfg: DictConfig):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a backend on a single process would make accelerate wait for peers
         timeout = timedelta(seconds=cfg.distributed.timeout_s)
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
+    if len(OmegaConf.select(cfg, "tasks", default=[]) or []) > 1:  # a step trains one task's adapter, not the others'
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     mixed_precision = resolve_mixed_precision(cfg.training.mixed_precision)
     with quiet_deepspeed_setup(debug=cfg.logging.debug):  # its op probe's compiler lines (`gcc ...`) and notices
         return Accelerator(

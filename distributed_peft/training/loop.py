@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from omegaconf import DictConfig
 
 from distributed_peft.config import Optimizer
 from distributed_peft.errors import DataError, Preempted, TrainingDiverged
@@ -43,22 +44,76 @@ def count_steps(micro_steps_per_epoch: int, training) -> int:
     return training.max_steps if training.max_steps > 0 else math.ceil(training.epochs * steps_per_epoch)
 
 
-def build_optimizer(model, training) -> torch.optim.Optimizer:
-    """training.optimizer over the trainable (LoRA) parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(groups: list[tuple[str, list[torch.nn.Parameter], DictConfig]], training) -> torch.optim.Optimizer:
+    """training.optimizer with one parameter group per task adapter: (task, its parameters, its training config),
+    each with its own lr and weight decay. It steps only the active task's group (`optimizer.active_task`): the
+    other adapters' weights and moments stay as they were, as if each task trained alone."""
+    param_groups = [
+        {"params": params, "lr": own.lr, "weight_decay": own.weight_decay, "task": task} for task, params, own in groups
+    ]
     if training.optimizer == "adamw_torch":
-        return torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
-    import bitsandbytes as bnb
+        optimizer = torch.optim.AdamW(param_groups, lr=training.lr, weight_decay=training.weight_decay)
+    else:
+        import bitsandbytes as bnb
 
-    cls = bnb.optim.PagedAdamW8bit if training.optimizer == Optimizer.PAGED_ADAMW_8BIT else bnb.optim.AdamW8bit
-    return cls(params, lr=training.lr, weight_decay=training.weight_decay)
+        cls = bnb.optim.PagedAdamW8bit if training.optimizer == Optimizer.PAGED_ADAMW_8BIT else bnb.optim.AdamW8bit
+        optimizer = cls(param_groups, lr=training.lr, weight_decay=training.weight_decay)
+    return step_active_task_only(optimizer, groups[0][0])
 
 
-def build_scheduler(optimizer, training, total_steps: int):
-    """training.lr_scheduler with warmup over training.warmup_ratio of the steps."""
-    from transformers import get_scheduler
+def step_active_task_only(optimizer: torch.optim.Optimizer, active: str) -> torch.optim.Optimizer:
+    """The optimizer's step limited to the groups of `optimizer.active_task`. Set on the instance, so its type stays
+    the library's (DeepSpeed's ZeRO accepts the optimizers it knows by type): ZeRO steps this optimizer over its own
+    flat partitions of the same groups, and the filter applies there too."""
+    step = optimizer.step
+    optimizer.active_task = active
 
-    return get_scheduler(training.lr_scheduler, optimizer, int(training.warmup_ratio * total_steps), total_steps)
+    def step_active(closure=None):
+        groups = optimizer.param_groups
+        optimizer.param_groups = [g for g in groups if g.get("task", optimizer.active_task) == optimizer.active_task]
+        try:
+            return step(closure) if optimizer.param_groups else None
+        finally:
+            optimizer.param_groups = groups
+
+    optimizer.step = step_active
+    return optimizer
+
+
+class TaskSchedule:
+    """training.lr_scheduler with warmup over training.warmup_ratio of a task's own steps, setting the lr of that
+    task's parameter group only, and advanced only by that task's steps (transformers' schedules, run on a stand-in
+    optimizer). Registered with accelerate for checkpointing (state_dict / load_state_dict)."""
+
+    def __init__(self, optimizer, task: str, training, total_steps: int):
+        from transformers import get_scheduler
+
+        self.group = next(g for g in optimizer.param_groups if g.get("task") == task)
+        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=training.lr)
+        warmup = int(training.warmup_ratio * total_steps)
+        self.schedule = get_scheduler(training.lr_scheduler, stand_in, warmup, total_steps)
+        self.group["lr"] = self.get_last_lr()[0]
+
+    def get_last_lr(self) -> list[float]:
+        return self.schedule.get_last_lr()
+
+    def step(self) -> None:
+        with warnings.catch_warnings():  # the stand-in optimizer never steps, on purpose
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"), UserWarning)
+            self.schedule.step()
+        self.group["lr"] = self.get_last_lr()[0]
+
+    def set_base_lr(self, lr: float) -> None:
+        """training.resume=force with another lr: the schedule continues from the new one."""
+        self.schedule.base_lrs = [lr]
+        self.group["lr"] = self.get_last_lr()[0]
+
+    def state_dict(self) -> dict:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state)
+        self.group["lr"] = self.get_last_lr()[0]
 
 
 class WindowStream:
@@ -164,14 +219,13 @@ def clip_gradients(accelerator, model, max_grad_norm: float):
     return grad_norm
 
 
-def step_optimizer(optimizer, scheduler, skipped: bool) -> None:
-    """The optimizer steps unless the step is skipped; the schedule steps either way."""
+def step_optimizer(optimizer, schedule: TaskSchedule, skipped: bool) -> None:
+    """The optimizer steps (the active task's group) unless the step is skipped; the task's schedule steps either
+    way."""
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    with warnings.catch_warnings():  # a skipped step steps the schedule without the optimizer, on purpose
-        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"), UserWarning)
-        scheduler.step()
+    schedule.step()
 
 
 def stop_requested(accelerator) -> bool:
