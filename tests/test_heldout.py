@@ -67,11 +67,11 @@ def test_baselines_are_scored_as_the_metrics_read_them(tmp_path):
     assert systems["remove_listed_words"]["toxic_share"] == 0
     assert predictions["remove_listed_words"][3:] == inputs[3:]  # rows without a listed word are left as they are
     assert predictions["remove_listed_words"][0] == "you are a total and everyone knows it"
-    assert predictions["remove_listed_words"][2] == "this plan is, it will never work"
+    assert predictions["remove_listed_words"][2] == "this plan is , it will never work"
 
 
 def test_removing_listed_words_leaves_none_the_metric_would_find():
-    assert remove_listed_words("Shut   up, you IDIOT!") == ", you!"
+    assert remove_listed_words("Shut   up, you IDIOT!") == ", you !"
     assert remove_listed_words("shut damn up") == ""  # removing `damn` makes the phrase: removed in turn
     assert remove_listed_words("hellish weather, isn't it") == "hellish weather, isn't it"  # whole words only
     for text in ("Shut   up, you IDIOT!", "what the hell, stupid stupid idiots", "SHUT UP"):

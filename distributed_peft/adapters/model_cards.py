@@ -159,8 +159,8 @@ def heldout_section(report: dict[str, Any], heading: str | None = "## On real te
     lines = [heading, ""] if heading else []
     lines += [
         f"{data['rows']} rows of `{data['file']}` (real text, in no training file), greedy decoding, at most "
-        f"{report['generation']['max_new_tokens']} new tokens; BLEU and chrF against every reference of a row "
-        f"({data['references_per_row']} per row on average).",
+        f"{report['generation']['max_new_tokens']} new tokens; scored against every reference of a row "
+        f"({data['references_per_row']:g} per row on average).",
         "",
         "| system | " + " | ".join(f"{m} ({better(m)} is better)" for m in metrics) + " |",
         "| --- |" + " --- |" * len(metrics),

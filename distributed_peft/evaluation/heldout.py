@@ -107,7 +107,7 @@ _WORD = re.compile(r"[a-z']+", re.IGNORECASE)  # the words `contains_toxic_word`
 
 
 def remove_listed_words(text: str) -> str:
-    """`text` without the words and phrases of the toxic list (as `toxic_share` matches them), spacing tidied."""
+    """`text` without the words and phrases of the toxic list (as `toxic_share` matches them); the rest as it is."""
     phrases = [p for p in toxic_words() if " " in p]
     while contains_toxic_word(text):
         words = list(_WORD.finditer(text))
@@ -123,7 +123,7 @@ def remove_listed_words(text: str) -> str:
                 }
         for i in sorted(drop, reverse=True):
             text = text[: words[i].start()] + text[words[i].end() :]
-    return re.sub(r" ([,.!?;:])", r"\1", re.sub(r"[ \t]{2,}", " ", text)).strip()
+    return re.sub(r"[ \t]{2,}", " ", text).strip()  # the spaces around a removed word become one
 
 
 def baseline_predictions(name: str, inputs: Sequence[str]) -> list[str]:
