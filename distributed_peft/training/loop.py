@@ -88,11 +88,16 @@ class TaskSchedule:
     def __init__(self, optimizer, task: str, training, total_steps: int):
         from transformers import get_scheduler
 
-        self.group = next(g for g in optimizer.param_groups if g.get("task") == task)
+        self.optimizer, self.task = optimizer, task
         stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=training.lr)
         warmup = int(training.warmup_ratio * total_steps)
         self.schedule = get_scheduler(training.lr_scheduler, stand_in, warmup, total_steps)
         self.group["lr"] = self.get_last_lr()[0]
+
+    @property
+    def group(self) -> dict:
+        """The task's parameter group, looked up each time: loading an optimizer's state replaces its group dicts."""
+        return next(g for g in self.optimizer.param_groups if g.get("task") == self.task)
 
     def get_last_lr(self) -> list[float]:
         return self.schedule.get_last_lr()
