@@ -1,7 +1,8 @@
-"""dpeft-bench (make bench): our packing against the common recipe, TRL's SFTTrainer, on the same QLoRA job.
+"""dpeft-bench (make bench): our packing against the common recipe, TRL's SFTTrainer, on the same QLoRA job; and
+(tables=[joint], benchmarks/joint.py) several tasks as one-task jobs against one joint job.
 
-    dpeft-bench                                   # detox and instruct, 3 interleaved repeats, tiny-llama QLoRA
-    dpeft-bench tasks=[detox] repeats=2 examples=200 output_dir=runs/bench-detox
+    dpeft-bench                                   # both tables; packing: detox and instruct, 3 interleaved repeats
+    dpeft-bench tables=[packing] tasks=[detox] repeats=2 examples=200 output_dir=runs/bench-detox
 
 Variants, on the same data, model, LoRA, optimizer, schedule and examples (one epoch, so the same completion tokens):
   trl_padded (the baseline: SFTTrainer with padded batches, as the seed notebooks use it), ours_padded,
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from distributed_peft.config import missing_extra
+from distributed_peft.config.commands import BenchTable
 from distributed_peft.constants import PROJECT_ROOT
 from distributed_peft.errors import ConfigError
 from distributed_peft.runtime.atomic_files import atomic_write_text
@@ -128,9 +131,10 @@ def run_ours(cfg, out: Path) -> dict[str, Any]:
     recipe.setup()
     recipe.train()
     rows = [r for r in read_metrics(out) if "train/input_tokens" in r]
+    eval_loss = evaluate_loss(recipe.model, recipe.runs[0].eval_loader, recipe.accelerator)["loss"]
     result = {"seconds": recipe.train_seconds, "nonpad_tokens": sum(r["train/input_tokens"] for r in rows),
               "padding_waste": statistics.fmean(r["train/padding_waste"] for r in rows),
-              "eval_loss": evaluate_loss(recipe.model, recipe.runs[0].eval_loader, recipe.accelerator)["loss"]}  # fmt: skip
+              "eval_loss": eval_loss}  # fmt: skip
     recipe.cleanup()
     return result
 
@@ -232,14 +236,15 @@ def summarize(runs: list[dict[str, Any]], task: str, model: str = CPU_MODEL) -> 
 
 
 def bench(cfg: DictConfig) -> None:
-    """Every variant on every task, into output_dir (claimed before the first run); the tables on stdout."""
+    """Every table of `tables` (every variant on every task; the joint table), into output_dir (claimed before the
+    first run); the tables on stdout."""
     missing = missing_extra("trl", "bench", "dpeft-bench (TRL's SFTTrainer is its baseline)")
-    if missing:
+    if missing and BenchTable.PACKING in cfg.tables:
         raise ConfigError(missing)
     output = Path(cfg.output_dir)
     claimed = claim_output_dir(output, key="output_dir", command="dpeft-bench")
     try:
-        report, markdown = run_benchmark(cfg)
+        report, markdown = run_tables(cfg)
         atomic_write_text(output / "bench.json", json.dumps(report, indent=2))
         atomic_write_text(output / "bench.md", "\n".join(markdown))
     except BaseException:  # a failed run or write, Ctrl-C: remove what this benchmark created, nothing else
@@ -247,6 +252,27 @@ def bench(cfg: DictConfig) -> None:
         raise
     print("\n".join(markdown))
     print(f"written: {output / 'bench.md'}")
+
+
+def run_tables(
+    cfg: DictConfig, runner: Callable[..., dict[str, Any]] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """The packing table when chosen, then the joint table when chosen (its processes run by `runner`: by default
+    benchmarks/joint.py's run_command)."""
+    from benchmarks import joint  # here: this file also runs as a script (a child), where benchmarks/ is not a package
+
+    report: dict[str, Any] = {"setup": OmegaConf.to_container(cfg, resolve=True)}
+    markdown = ["# dpeft-bench", ""]
+    if BenchTable.PACKING in cfg.tables:
+        packing, markdown = run_benchmark(cfg)
+        report |= packing
+    if BenchTable.JOINT in cfg.tables:
+        with tempfile.TemporaryDirectory() as scratch:
+            measured = joint.run_joint_table(cfg.joint, cfg.repeats, Path(scratch), runner or joint.run_command)
+        summary, table = joint.summarize_joint(measured)
+        report["joint"] = measured | summary
+        markdown += [*table, ""]
+    return report, markdown
 
 
 def plan(cfg: DictConfig, cuda: bool, installed: set[str]) -> tuple[list[Job], list[str]]:

@@ -17,6 +17,7 @@ from benchmarks.harness import summarize
 def test_bench_runs_every_kind_of_variant_and_writes_its_files(tmp_path, bases):
     cmd = [
         str(Path(sys.executable).parent / "dpeft-bench"),  # the command; its harness is benchmarks/ of the checkout
+        "tables=[packing]",  # the joint table: tests/test_bench_joint.py
         "tasks=[detox]",
         "repeats=1",
         "examples=48",

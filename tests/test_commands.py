@@ -116,10 +116,12 @@ def test_the_installed_scripts_answer_the_same(tmp_path):
     )
     assert bench.returncode == 0, bench.stderr[-2000:]
     assert yaml.safe_load(bench.stdout) | {"variants": None} == {
+        "tables": ["packing", "joint"],
         "tasks": ["sql"],
         "repeats": 1,
         "examples": 400,
         "variants": None,
         "gpu_models": ["llama-3.2-1b", "bloom-1b1"],
+        "joint": {"tasks": ["sql", "detox", "instruct"], "max_steps": 20},
         "output_dir": "runs/bench",
     }

@@ -36,6 +36,13 @@ class BenchVariant(Choice):
     TRL_PADDING_FREE = "trl_padding_free"
 
 
+class BenchTable(Choice):
+    """dpeft-bench's tables: packing (the variants against TRL) and joint (one-task jobs against one joint job)."""
+
+    PACKING = "packing"
+    JOINT = "joint"
+
+
 @dataclass
 class GenerateConfig:
     """dpeft-generate: one base, several adapters, the same input through each."""
@@ -74,15 +81,26 @@ class ExploreConfig:
 
 
 @dataclass
-class BenchConfig:
-    """dpeft-bench: our packing against TRL's SFTTrainer on the same tiny-llama QLoRA job (benchmarks/harness.py)."""
+class JointBenchConfig:
+    """dpeft-bench's joint table: these tasks as one-task jobs one after the other against one `tasks=[...]` job."""
 
-    tasks: list[str] = field(default_factory=lambda: ["detox", "instruct"])
-    repeats: int = 3  # every variant, interleaved with the others
+    tasks: list[str] = field(default_factory=lambda: ["sql", "detox", "instruct"])
+    max_steps: int = 20  # optimizer steps per task, in each one-task job and for each task of the joint job
+
+
+@dataclass
+class BenchConfig:
+    """dpeft-bench: our packing against TRL's SFTTrainer on the same tiny-llama QLoRA job, and several one-task jobs
+    against one joint job (benchmarks/harness.py, benchmarks/joint.py)."""
+
+    tables: list[str] = field(default_factory=BenchTable.values)  # packing, joint
+    tasks: list[str] = field(default_factory=lambda: ["detox", "instruct"])  # the packing table's
+    repeats: int = 3  # every variant, interleaved with the others (both tables)
     examples: int = 400  # per task, train + validation
     variants: list[str] = field(default_factory=BenchVariant.values)  # trl_padded always runs
     # with CUDA, a table per model: these Hub architectures with random weights, plus flash attention and Liger
     gpu_models: list[str] = field(default_factory=lambda: ["llama-3.2-1b", "bloom-1b1"])
+    joint: JointBenchConfig = field(default_factory=JointBenchConfig)  # the joint table's tasks and steps
     output_dir: str = run_dir("bench")  # bench.json, bench.md
 
 
@@ -92,10 +110,25 @@ def validate_bench(cfg: DictConfig) -> None:
         t for t in group_options("task") if OmegaConf.load(CONF_DIR / "task" / f"{t}.yaml").data.get("sample_file")
     ]
     allowed = f"{', '.join(bundled)} (the tasks with bundled data)"
+    check(
+        problems,
+        len(cfg.tables) > 0,
+        "tables",
+        list(cfg.tables),
+        f"a non-empty list of: {', '.join(BenchTable.values())}",
+    )
+    for table in cfg.tables:
+        if table not in BenchTable.values():
+            problems.append(f"tables: {table!r} is not a table; allowed: {', '.join(BenchTable.values())}")
     check(problems, len(cfg.tasks) > 0, "tasks", list(cfg.tasks), f"a non-empty list of: {allowed}")
-    for task in cfg.tasks:
-        if task not in bundled:
-            problems.append(f"tasks: {task!r} is not a task dpeft-bench runs; allowed: {allowed}")
+    for key, tasks in (("tasks", cfg.tasks), ("joint.tasks", cfg.joint.tasks)):
+        for task in tasks:
+            if task not in bundled:
+                problems.append(f"{key}: {task!r} is not a task dpeft-bench runs; allowed: {allowed}")
+    joint_tasks = list(cfg.joint.tasks)
+    distinct = len(joint_tasks) >= 2 and len(set(joint_tasks)) == len(joint_tasks)
+    check(problems, distinct, "joint.tasks", joint_tasks, f"a list of two or more different tasks of: {allowed}")
+    check(problems, cfg.joint.max_steps >= 1, "joint.max_steps", cfg.joint.max_steps, "an integer >= 1")
     check(problems, len(cfg.variants) > 0, "variants", list(cfg.variants), "a non-empty list")
     for variant in cfg.variants:
         if variant not in BenchVariant.values():
