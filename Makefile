@@ -87,13 +87,14 @@ bench-scaling: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
 
-# Retrain the adapters shipped in adapters_prebuilt/ (tiny-llama base, training=prebuilt) and export them
+# Retrain the adapters shipped in adapters_prebuilt/ in one job on one base load (conf/experiment/prebuilt.yaml: all
+# three tasks, tiny-llama, training=prebuilt), then export each with its held-out report and card
+PREBUILT_RUN ?= runs/prebuilt
 prebuilt: $(STAMP)
+	$(VENV)/bin/dpeft-train experiment=prebuilt logging.progress_bar=false output_dir=$(PREBUILT_RUN)
 	for task in detox instruct sql; do \
-		$(VENV)/bin/dpeft-train task=$$task model=tiny-llama peft=qlora training=prebuilt \
-			logging.progress_bar=false output_dir=runs/prebuilt-$$task && \
 		$(PY) -c "from distributed_peft.training.reproduce import export_prebuilt, PREBUILT_DIR; from pathlib import Path; \
-			export_prebuilt(Path('runs/prebuilt-$$task'), PREBUILT_DIR / '$$task')" || exit 1; \
+			export_prebuilt(Path('$(PREBUILT_RUN)/$$task'), PREBUILT_DIR / '$$task')" || exit 1; \
 	done
 
 # Retrain every shipped adapter from its recorded config and compare its metrics (exit 1 on a fail); task=NAME for one
