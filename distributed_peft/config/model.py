@@ -36,17 +36,19 @@ class Dtype(Choice):
 class EmbeddedBaseConfig:
     """Shape and pretraining of a tiny base built locally by `dpeft-build-base` (no hub needed)."""
 
-    vocab_size: int = 4096
+    vocab_size: int = 2048
     hidden_size: int = 128
     intermediate_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 4
     seed: int = 0
-    pretrain_steps: int = 300
+    pretrain_steps: int = 400
     pretrain_batch_size: int = 16
     pretrain_seq_len: int = 128
     pretrain_lr: float = 3e-3
+    pretrain_copy_share: float = 0.8  # share of each batch that is `X <sep> X` copy blocks (loss on the copy only)
+    pretrain_copy_separator: str = "<sep>"  # a special token of the base's tokenizer between X and its copy
 
 
 @dataclass
@@ -102,6 +104,17 @@ def _check_embedded_base(base: DictConfig, problems: list[str]) -> None:
         check(problems, base[key] >= 1, f"model.base.{key}", base[key], "an integer >= 1")
     check(problems, base.pretrain_steps >= 0, "model.base.pretrain_steps", base.pretrain_steps, "an integer >= 0")
     check(problems, 0 < base.pretrain_lr <= 1, "model.base.pretrain_lr", base.pretrain_lr, "> 0 and <= 1")
+    share = base.pretrain_copy_share
+    check(problems, 0 <= share <= 1, "model.base.pretrain_copy_share", share, "a number from 0 to 1")
+    separator = base.pretrain_copy_separator
+    reserved = separator in ("<pad>", "<s>", "</s>")
+    check(
+        problems,
+        bool(separator) and separator == "".join(separator.split()) and not reserved,
+        "model.base.pretrain_copy_separator",
+        separator,
+        "a non-empty token without whitespace other than <pad>, <s>, </s> (e.g. <sep>)",
+    )
     if base.num_heads >= 1 and base.hidden_size >= 1 and base.hidden_size % base.num_heads:
         problems.append(
             f"model.base.hidden_size={base.hidden_size!r} is invalid; it must be a multiple of model.base.num_heads "

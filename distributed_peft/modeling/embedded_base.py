@@ -1,8 +1,10 @@
 """Build the embedded tiny bases (`dpeft-build-base model=tiny-llama`): no hub, deterministic for a seed.
 
 A base is a small Llama or BLOOM made from its transformers config with a seeded init, a byte-level BPE
-tokenizer trained with `tokenizers` on the bundled sample corpora, and a short causal-LM pretraining on
-those corpora, so that adapters have a real language model to adapt. It is cached under
+tokenizer trained with `tokenizers` on the bundled sample data (real ParaDetox and GPTeacher text, template SQL; never
+the held-out files), and a short pretraining on it that mixes plain causal-LM blocks with `X <sep> X` copy blocks
+(model.base.pretrain_copy_share), so that adapters have a language model that can also repeat what it read.
+The same recipe gives the same weights for any thread count. It is cached under
 `$DPEFT_HOME/bases/<name>-<config hash>` with the sha256 fingerprint of its weights.
 """
 
@@ -25,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
 from distributed_peft.constants import SAMPLE_DATA_DIR
+from distributed_peft.data.task_data import IGNORE_INDEX
 from distributed_peft.errors import ConfigError, StorageError
 
 BASE_METADATA = "dpeft_base.json"
@@ -40,19 +43,25 @@ def corpus_files() -> list[Path]:
     return sorted(SAMPLE_DATA_DIR.glob("*.jsonl"))
 
 
-def corpus_texts() -> list[str]:
-    """The bundled sample corpora as plain text: one document per record, its fields one per line."""
-    texts = []
+def corpus_records() -> list[list[str]]:
+    """The bundled sample corpora's records (not the held-out files), each as its non-empty field values."""
+    records = []
     for path in corpus_files():
         with path.open(encoding="utf-8") as f:
             for line in f:
                 if line.strip():
-                    texts.append("\n".join(str(v) for v in json.loads(line).values() if str(v).strip()))
-    return texts
+                    records.append([str(v) for v in json.loads(line).values() if str(v).strip()])
+    return records
+
+
+def corpus_texts() -> list[str]:
+    """The bundled sample corpora as plain text: one document per record, its fields one per line."""
+    return ["\n".join(fields) for fields in corpus_records()]
 
 
 def recipe_digest(model_cfg: DictConfig) -> str:
-    """12 hex digits naming an embedded base's recipe: family, shape, seed, pretraining and corpora.
+    """12 hex digits naming an embedded base's recipe: family, shape, seed, pretraining (copy mix included) and the
+    bytes of every corpus file.
 
     The same recipe builds the same weights on one machine; another CPU may round the last bits differently, so this
     (not the weights fingerprint) is what identifies an embedded base across machines.
@@ -119,8 +128,9 @@ def weights_fingerprint(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, family: str):
-    """A byte-level BPE tokenizer with <pad>, <s>, </s>; Llama-style adds <s> in front, BLOOM-style adds nothing."""
+def train_tokenizer(texts: list[str], vocab_size: int, family: str, separator: str):
+    """A byte-level BPE tokenizer with <pad>, <s>, </s> and the copy separator as special tokens; Llama-style adds
+    <s> in front, BLOOM-style adds nothing."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -130,7 +140,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, family: str):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS.values()),
+        special_tokens=[*SPECIAL_TOKENS.values(), separator],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -142,7 +152,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, family: str):
         tokenizer.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
         )
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=4096, **SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, model_max_length=4096, additional_special_tokens=[separator], **SPECIAL_TOKENS
+    )
 
 
 def model_config(model_cfg: DictConfig, tokenizer):
@@ -181,8 +193,8 @@ def model_config(model_cfg: DictConfig, tokenizer):
     )
 
 
-def pretraining_blocks(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """All texts tokenized, joined by EOS and cut into blocks of seq_len tokens."""
+def lm_blocks(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """All texts tokenized, joined by EOS and cut into blocks of seq_len tokens (plain causal LM: loss everywhere)."""
     ids: list[int] = []
     for encoding in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         ids.extend(encoding + [tokenizer.eos_token_id])
@@ -190,22 +202,90 @@ def pretraining_blocks(texts: list[str], tokenizer, seq_len: int) -> torch.Tenso
     return torch.tensor(ids[: n_blocks * seq_len]).view(n_blocks, seq_len)
 
 
-def pretrain(model, blocks: torch.Tensor, base: DictConfig) -> list[float]:
-    """A short causal-LM pretraining (AdamW, cosine schedule) with a seeded order of blocks."""
+def copy_blocks(fields: list[str], tokenizer, base: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, labels) of copy blocks: `X <sep> X </s>` units for every field X (cut to fit), in a seeded order,
+    packed into blocks of pretrain_seq_len tokens; only the copy and its EOS carry a loss.
+
+    An adapter that rewrites (detox) or repeats what it read (SQL names, code identifiers) needs a base that can copy;
+    plain LM on a few hundred thousand tokens does not learn it in CPU minutes."""
+    seq_len, eos = base.pretrain_seq_len, tokenizer.eos_token_id
+    sep = tokenizer.convert_tokens_to_ids(base.pretrain_copy_separator)
+    longest = (seq_len - 2) // 2
+    order = torch.randperm(len(fields), generator=torch.Generator().manual_seed(base.seed)).tolist()
+    encodings = tokenizer([fields[i] for i in order], add_special_tokens=False)["input_ids"]
+    blocks, labels, block, block_labels = [], [], [], []
+    for ids in encodings:
+        ids = ids[:longest]
+        unit, unit_labels = [*ids, sep, *ids, eos], [IGNORE_INDEX] * (len(ids) + 1) + [*ids, eos]
+        if len(block) + len(unit) > seq_len:
+            padding = seq_len - len(block)  # the rest of a block is EOS with no loss
+            blocks.append(block + [eos] * padding)
+            labels.append(block_labels + [IGNORE_INDEX] * padding)
+            block, block_labels = [], []
+        block, block_labels = block + unit, block_labels + unit_labels
+    return torch.tensor(blocks), torch.tensor(labels)
+
+
+class PretrainingMix:
+    """Batches of pretrain_batch_size rows: round(batch * pretrain_copy_share) copy blocks, the rest plain LM blocks,
+    each kind drawn without replacement in a seeded order (reshuffled when used up)."""
+
+    def __init__(self, lm: torch.Tensor, copy: tuple[torch.Tensor, torch.Tensor], base: DictConfig):
+        self.generator = torch.Generator().manual_seed(base.seed)
+        self.n_copy = round(base.pretrain_batch_size * base.pretrain_copy_share) if len(copy[0]) else 0
+        self.n_lm = base.pretrain_batch_size - self.n_copy
+        self.sources = {"lm": (lm, lm), "copy": copy}
+        self.orders = {kind: self._order(kind) for kind in self.sources}
+
+    def _order(self, kind: str) -> list[int]:
+        return torch.randperm(len(self.sources[kind][0]), generator=self.generator).tolist()
+
+    def _take(self, kind: str, count: int) -> list[int]:
+        if count > len(self.orders[kind]):
+            self.orders[kind] = self._order(kind)
+        taken, self.orders[kind] = self.orders[kind][:count], self.orders[kind][count:]
+        return taken
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [(kind, self._take(kind, count)) for kind, count in (("lm", self.n_lm), ("copy", self.n_copy)) if count]
+        inputs = torch.cat([self.sources[kind][0][rows] for kind, rows in parts])
+        labels = torch.cat([self.sources[kind][1][rows] for kind, rows in parts])
+        return inputs, labels
+
+
+def _layer_norm_affine_apart(self: torch.nn.LayerNorm, hidden: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(hidden, self.normalized_shape, None, None, self.eps) * self.weight + self.bias
+
+
+@contextlib.contextmanager
+def thread_invariant_layer_norms(model):
+    """LayerNorms whose weight and bias gradients do not depend on the thread count, while pretraining.
+
+    The fused CPU layer_norm backward sums those gradients over rows in per-thread chunks, so BLOOM (LayerNorm; Llama
+    has RMSNorm) pretrained with 1 and with 2 threads came out with different weights. With the affine part applied as
+    separate ops, autograd's reductions give the same bits for any thread count (tests/test_embedded_base.py)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm) and m.weight is not None]
+    for norm in norms:
+        norm.forward = _layer_norm_affine_apart.__get__(norm)
+    try:
+        yield
+    finally:
+        for norm in norms:
+            del norm.forward
+
+
+def pretrain(model, mix: PretrainingMix, base: DictConfig) -> list[float]:
+    """A short causal-LM pretraining (AdamW, cosine schedule) on the seeded mix of plain LM and copy blocks."""
     from transformers import get_cosine_schedule_with_warmup
 
-    generator = torch.Generator().manual_seed(base.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=base.pretrain_lr, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, base.pretrain_steps // 20), base.pretrain_steps)
     model.train()
-    losses, order, cursor = [], torch.randperm(len(blocks), generator=generator), 0
+    losses = []
     start = time.perf_counter()
     for step in range(base.pretrain_steps):
-        if cursor + base.pretrain_batch_size > len(order):
-            order, cursor = torch.randperm(len(blocks), generator=generator), 0
-        batch = blocks[order[cursor : cursor + base.pretrain_batch_size]]
-        cursor += base.pretrain_batch_size
-        loss = model(input_ids=batch, labels=batch).loss
+        batch, labels = mix.batch()
+        loss = model(input_ids=batch, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -270,13 +350,19 @@ def _build(model_cfg: DictConfig, target: Path) -> Path:
 
     base = model_cfg.base
     print(f"Building embedded base {model_cfg.name} in {target}")
-    texts = corpus_texts()
-    tokenizer = train_tokenizer(texts, base.vocab_size, model_cfg.family)
+    records = corpus_records()
+    texts = ["\n".join(fields) for fields in records]
+    tokenizer = train_tokenizer(texts, base.vocab_size, model_cfg.family, base.pretrain_copy_separator)
     config = model_config(model_cfg, tokenizer)
     torch.manual_seed(base.seed)
     with whole_on_this_process():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    losses = pretrain(model, pretraining_blocks(texts, tokenizer, base.pretrain_seq_len), base)
+    lm = lm_blocks(texts, tokenizer, base.pretrain_seq_len)
+    copy = copy_blocks([field for fields in records for field in fields], tokenizer, base)
+    start = time.perf_counter()
+    with thread_invariant_layer_norms(model):
+        losses = pretrain(model, PretrainingMix(lm, copy, base), base)
+    seconds = time.perf_counter() - start
 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     model.save_pretrained(staging, safe_serialization=True)
@@ -287,7 +373,21 @@ def _build(model_cfg: DictConfig, target: Path) -> Path:
         "fingerprint": weights_fingerprint(staging),
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": config.vocab_size,
-        "pretrain": {**OmegaConf.to_container(base), "first_loss": losses[0], "final_loss": losses[-1]},
+        "pretrain": {
+            **OmegaConf.to_container(base),
+            "first_loss": losses[0],
+            "final_loss": losses[-1],
+            "seconds": round(seconds, 1),
+            "threads": torch.get_num_threads(),
+            "lm_blocks": len(lm),
+            "copy_blocks": len(copy[0]),
+            "tokens_seen": base.pretrain_steps * base.pretrain_batch_size * base.pretrain_seq_len,
+        },
+        "corpus": {
+            "files": {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:12] for path in corpus_files()},
+            "records": len(records),
+            "lm_tokens": lm.numel(),
+        },
     }
     (staging / BASE_METADATA).write_text(json.dumps(metadata, indent=2))
     if target.exists():
