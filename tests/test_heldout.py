@@ -99,7 +99,7 @@ def test_report_files_and_card_for_an_adapter(tmp_path, monkeypatch, bases):
     assert (adapter / "heldout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     copy = report["systems"]["copy_input"]
     row = f"| input copied unchanged | {copy['bleu']:.2f} | {copy['chrf']:.2f} | {copy['toxic_share']:.2f} |"
-    assert copy["toxic_share"] == pytest.approx(100 * 2 / 3)
+    assert copy["toxic_share"] == pytest.approx(100 * sum(HAS_LISTED_WORD[:3]) / 3)
     for name in ("heldout.md", "README.md"):
         text = (adapter / name).read_text()
         assert row in text and "chrF close to copying's" in text, name

@@ -119,8 +119,10 @@ def remove_listed_words(text: str) -> str:
         for phrase in phrases:  # a phrase is matched in the joined words, as toxic_share matches it
             for match in re.finditer(re.escape(phrase), joined):
                 drop |= {
-                    i for i, s in enumerate(starts) if match.start() <= s + len(words[i].group()) and s < match.end()
+                    i for i, s in enumerate(starts) if match.start() < s + len(words[i].group()) and s < match.end()
                 }
+        if not drop:  # a match the list check finds and this removal cannot: never loop on it
+            break
         for i in sorted(drop, reverse=True):
             text = text[: words[i].start()] + text[words[i].end() :]
     return re.sub(r"[ \t]{2,}", " ", text).strip()  # the spaces around a removed word become one
