@@ -207,14 +207,26 @@ def _added(model, name: str, lora):
     return model
 
 
-def activate_adapter(model, name: str) -> None:
-    """Route the forward through adapter `name` alone, without touching which parameters require grad (peft's
-    set_adapter would freeze the others, changing the set of trainable parameters that DDP and ZeRO were set up with).
-    `model` is the peft model (unwrapped)."""
+def activate_adapter(model, name: str, others_at_zero: bool = False) -> None:
+    """Route the forward through adapter `name`, without touching which parameters require grad (peft's set_adapter
+    would freeze the others, changing the set of trainable parameters that DDP and ZeRO were set up with).
+
+    `others_at_zero`: the other adapters stay in the forward, scaled by 0, so that each step gives them gradients of
+    exactly zero (the active adapter's output is unchanged: adding 0.0 is exact). DeepSpeed's ZeRO needs it: it
+    keeps the gradient partition of a parameter that got no gradient from its last step, which would enter the
+    global norm that clipping scales every update by. `model` is the peft model (unwrapped).
+    """
+    from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if others_at_zero and isinstance(module, LoraLayer):
+            scales = module.__dict__.setdefault("_dpeft_scaling", dict(module.scaling))  # as peft set them
+            module.scaling.update({a: (s if a == name else 0.0) for a, s in scales.items()})
+            module._active_adapter = [name, *(a for a in scales if a != name)]
+        else:
             module._active_adapter = [name]
     model.base_model.active_adapter = name
 
