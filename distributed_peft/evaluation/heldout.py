@@ -56,6 +56,12 @@ SYSTEM_LABELS = {
     "copy_input": "input copied unchanged",
     "remove_listed_words": "input with listed toxic words removed",
 }
+TICK_LABELS = {
+    "adapter": "adapter",
+    "base": "base",
+    "copy_input": "input\ncopied",
+    "remove_listed_words": "listed\nwords\nremoved",
+}
 HELDOUT_SETS = {
     "detox": HeldoutSet(
         file="detox.jsonl",
@@ -241,7 +247,7 @@ def plot_heldout(path: Path, report: dict[str, Any]) -> Path:
     for ax, metric in zip(axes[0], metrics, strict=True):
         bars = ax.bar(range(len(names)), [systems[n][metric] for n in names], color=[colors[n] for n in names])
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
-        ax.set_xticks(range(len(names)), [SYSTEM_LABELS[n].replace(" ", "\n", 2) for n in names], fontsize=7)
+        ax.set_xticks(range(len(names)), [TICK_LABELS[n] for n in names], fontsize=7)
         ax.set_title(f"{metric} ({better(metric)} is better)", fontsize=9)
         ax.margins(y=0.15)
     fig.suptitle(f"{report['task']} adapter on {report['data']['rows']} held-out rows of real text")
@@ -328,7 +334,7 @@ def write_heldout_report(
     systems, predictions = score_systems(task, kept, generated)
     report = {
         "task": run_cfg.task.name,
-        "adapter_dir": str(adapter_dir),
+        "adapter_dir": _shown_path(adapter_dir.resolve()),
         "data": {
             "file": _shown_path(rows_file),
             "rows": len(kept),
@@ -355,7 +361,7 @@ def write_heldout_report(
 
 
 def _shown_path(path: Path) -> str:
-    """The held-out file as the card names it: relative to the package when it lies inside."""
+    """A path as the reports name it: relative to the package when it lies inside (no machine's checkout path)."""
     return str(path.relative_to(PACKAGE_DIR)) if path.is_relative_to(PACKAGE_DIR) else str(path)
 
 
