@@ -15,6 +15,7 @@ after one fails, on `model=llama-3.2-1b model.weights=random` (the real 1B archi
   liger_kernel               Liger's fused loss on: the same losses as qlora_bf16 (within tolerance), not bit-identical
   fsdp_qlora, zero3_qlora    `dpeft-launch` on every visible GPU (one is a valid world size): the adapter complete and
                              non-zero; a run killed (-9) after its checkpoint resumes to the uninterrupted adapter
+  fsdp_joint                 tasks=[sql,detox] in one FSDP job: its detox adapter equals the one trained alone
   generate, merge            dpeft-generate and dpeft-merge on the qlora_bf16 adapter; the merged model on CUDA
                              computes what base + adapter compute
 Each item prints its progress with the elapsed time. Writes gpu-check/report.md (item, pass/fail/skip, figure,
@@ -542,6 +543,28 @@ def distributed_item(strategy: str) -> Item:
     return Item(name, check)
 
 
+def joint_overrides(overrides: list[str]) -> list[str]:
+    """The same run as a two-task job: sql beside detox, each with the run's settings."""
+    return [o for o in overrides if not o.startswith("task=")] + ["tasks=[sql,detox]"]
+
+
+def fsdp_joint(ctx: Context) -> str:
+    """Two task adapters in one FSDP job (`tasks=[sql,detox]`) on every visible GPU: the detox adapter equals the one
+    an FSDP job trains alone (the other adapter in the graph at scale 0 adds exact zeros)."""
+    alone_dir, joint_dir = ctx.out / "runs" / "fsdp_alone", ctx.out / "runs" / "fsdp_joint"
+    overrides = distributed_overrides("fsdp")
+    run_command(ctx, "fsdp_alone", train_command(alone_dir, overrides, ctx.gpus))
+    run_command(ctx, "fsdp_joint", train_command(joint_dir, joint_overrides(overrides), ctx.gpus))
+    together = adapter_tensors(joint_dir / "detox")
+    complete = check_adapter_complete(together, adapter_tensors(alone_dir))
+    check_adapter_complete(adapter_tensors(joint_dir / "sql"))
+    difference = max_adapter_difference(together, adapter_tensors(alone_dir))
+    text = f"world size {ctx.gpus}; {complete}; max |joint detox - alone| {difference:.2e} (tolerance {RESUME_ATOL:g})"
+    if difference > RESUME_ATOL:
+        raise Failed(text)
+    return text
+
+
 def generate(ctx: Context) -> str:
     adapter = ctx.run_of("qlora_bf16") / "adapter"
     stdout = run_command(ctx, "generate", [str(BIN / "dpeft-generate"), f"adapters=[{adapter}]", f"prompt={PROMPT}",
@@ -600,6 +623,7 @@ def gpu_items() -> list[Item]:
         same_losses_item("gradient_checkpointing", GC_LOSS_RTOL),
         same_losses_item("liger_kernel", LIGER_LOSS_RTOL, needs="liger_kernel"),
         *[distributed_item(strategy) for strategy in DISTRIBUTED_STRATEGIES],
+        Item("fsdp_joint", fsdp_joint),
         Item("generate", generate),
         Item("merge", merge),
     ]

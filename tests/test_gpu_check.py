@@ -179,11 +179,14 @@ def test_every_command_line_of_the_check_composes_and_validates(tmp_path):
     lines = {name: [*gpu_check.TRAIN, *extra] for name, extra in gpu_check.TRAINING_RUNS.items()}
     for strategy in gpu_check.DISTRIBUTED_STRATEGIES:
         lines[strategy] = gpu_check.distributed_overrides(strategy, gpu_check.CHECKPOINT_STEP)
+    lines["fsdp_joint"] = gpu_check.joint_overrides(gpu_check.distributed_overrides("fsdp"))
     lines["packed_vs_unpacked"] = gpu_check.PACKED_CHECK
     for name, overrides in lines.items():
         cfg = check_overrides([*overrides, f"output_dir={tmp_path / name}"])
         assert cfg.model.weights == "random" and cfg.model.name == "llama-3.2-1b", name
     assert cfg.training.packing == "padding_free" and cfg.peft.method == "lora"
+    joint = check_overrides([*lines["fsdp_joint"], f"output_dir={tmp_path / 'joint'}"])
+    assert list(joint.tasks) == ["sql", "detox"] and joint.distributed.strategy == "fsdp"
     zero3 = check_overrides([*lines["zero3"], f"output_dir={tmp_path}"])
     assert (zero3.distributed.strategy, zero3.training.checkpoint_every, zero3.training.max_steps) == ("zero3", 4, 8)
 

@@ -214,7 +214,8 @@ def activate_adapter(model, name: str, others_at_zero: bool = False) -> None:
     `others_at_zero`: the other adapters stay in the forward, scaled by 0, so that each step gives them gradients of
     exactly zero (the active adapter's output is unchanged: adding 0.0 is exact). DeepSpeed's ZeRO needs it: it
     keeps the gradient partition of a parameter that got no gradient from its last step, which would enter the
-    global norm that clipping scales every update by. `model` is the peft model (unwrapped).
+    global norm that clipping scales every update by; FSDP's gradient hooks then fire for every parameter as when
+    one adapter trains. `model` is the peft model (unwrapped).
     """
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer

@@ -356,8 +356,8 @@ class FinetuneRecipe:
         from distributed_peft.modeling.loading import activate_adapter
 
         if len(self.runs) > 1:
-            deepspeed = self.accelerator.distributed_type.name == "DEEPSPEED"
-            activate_adapter(self.accelerator.unwrap_model(self.model), run.name, others_at_zero=deepspeed)
+            sharded = self.accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")  # every hook fires each step
+            activate_adapter(self.accelerator.unwrap_model(self.model), run.name, others_at_zero=sharded)
             self.task_optimizer.active_task = run.name
 
     def _windows(self, run: TaskRun | None = None) -> Iterator[Window]:
