@@ -404,7 +404,7 @@ def plan_heldout(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Path, Path 
             f"{ignored[0]} is not used with heldout=true: the held-out rows are fixed; allowed: no task overrides"
         )
     heldout_file(name)
-    output_dir = Path(cfg.output_dir) if cfg.adapter and "output_dir" in {o.key_or_group for o in parsed} else None
+    output_dir = Path(cfg.output_dir) if "output_dir" in {o.key_or_group for o in parsed} else None  # a run: into it
     if output_dir is not None:
         check_output_dir(output_dir)
     return adapter_dir, output_dir
