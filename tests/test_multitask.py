@@ -81,6 +81,8 @@ def alone(tmp_path_factory, bases) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_each_adapter_of_the_joint_job_equals_the_one_trained_alone(joint, alone):
+    summary = (joint / "tasks.md").read_text()
+    assert "| sql | 3 |" in summary and "| detox | 5 |" in summary, summary
     for task in PER_TASK:
         together, by_itself = adapter_tensors(joint / task), adapter_tensors(alone[task])
         assert max(t.abs().max().item() for k, t in together.items() if "lora_B" in k) > 0, "the adapter never trained"

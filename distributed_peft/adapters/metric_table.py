@@ -27,3 +27,17 @@ def metrics_table(results: dict[str, Any]) -> str:
             continue
         rows.append(f"| {metric} | {base:.4f} | {adapter:.4f} | {better(metric)} |")
     return "\n".join(rows)
+
+
+def tasks_table(results: dict[str, dict[str, Any]], steps: dict[str, int]) -> str:
+    """Markdown table of a multi-task job: per task its steps, eval loss of base and adapter, and the adapter's
+    task metrics (each task's eval.md has the whole comparison)."""
+    rows = ["| task | steps | eval loss base -> adapter | adapter metrics |", "| --- | --- | --- | --- |"]
+    for task, result in results.items():
+        adapter, base = result["adapter"], result["base"]
+        metrics = ", ".join(
+            f"{m} {v:.2f} (base {base[m]:.2f})" for m, v in adapter.items() if m not in {*COUNT_METRICS, "loss",
+                                                                                        "token_accuracy"}
+        )  # fmt: skip
+        rows.append(f"| {task} | {steps[task]} | {base['loss']:.4f} -> {adapter['loss']:.4f} | {metrics or '-'} |")
+    return "\n".join(rows)

@@ -533,7 +533,20 @@ class FinetuneRecipe:
             self.print(f"adapter: {adapter_dir} ({metadata['run']['optimizer_steps']} optimizer steps)")
         termination.raise_if_requested()
         results = {run.name: self._report(run, *adapters[run.name]) for run in self.runs}
-        return results if self.cfg.tasks else results[self.runs[0].name]
+        if not self.cfg.tasks:
+            return results[self.runs[0].name]
+        if self.accelerator.is_main_process:
+            self._write_tasks_summary(results)
+        return results
+
+    def _write_tasks_summary(self, results: dict[str, Any]) -> None:
+        """<output_dir>/tasks.md: every task of the job in one table, printed too."""
+        from distributed_peft.adapters.metric_table import tasks_table
+
+        table = tasks_table(results, {run.name: run.step_done for run in self.runs})
+        title = f"# {len(self.runs)} task adapters on {self.cfg.model.name}, one job"
+        atomic_write_text(self.run_dir / "tasks.md", f"{title}\n\n{table}\n")
+        self.print(f"{table}\nsummary: {self.run_dir / 'tasks.md'}")
 
     def _report(self, run: TaskRun, adapter_dir: Path, metadata: dict[str, Any]) -> dict[str, Any]:
         """A task's final evaluation, logged and written into its run directory."""
