@@ -159,7 +159,9 @@ def check_base_matches(metadata: dict[str, Any], base: BaseIdentity, allow_misma
     """Refuse an adapter trained on another base (architecture or weights), unless the user insists.
 
     An embedded base is defined by its recipe: the same recipe built on another CPU has other last bits, so another
-    weights fingerprint. Such an adapter is accepted, with a one-line note on stderr.
+    weights fingerprint. Such an adapter is accepted, with a one-line note on stderr. The recipe is the digest the
+    adapter recorded when it trained (its settings and the pretraining corpus then); only an adapter from before it
+    was recorded has it recomputed from its config, over today's corpus.
     """
     recorded = metadata["base"]
     problems = []
@@ -171,7 +173,7 @@ def check_base_matches(metadata: dict[str, Any], base: BaseIdentity, allow_misma
             base.recipe is not None
             and recorded["name"] == base.name
             and recorded["family"] == base.family
-            and recorded_recipe(metadata) == base.recipe
+            and (recorded.get("recipe") or recorded_recipe(metadata)) == base.recipe
         )
         if same_recipe:
             note = (
