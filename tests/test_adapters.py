@@ -111,6 +111,12 @@ def test_an_embedded_base_rebuilt_on_another_machine_is_accepted_by_recipe(train
     )
     assert notes[0].endswith("loading it") and "same recipe " in notes[0]
 
+    def other_corpus(metadata):  # the same settings, but its base was pretrained on other text: another recipe
+        metadata["base"]["fingerprint"], metadata["base"]["recipe"] = "0" * 64, "0" * 12
+
+    with pytest.raises(AdapterError, match="does not match base tiny-llama: base fingerprint 0000000000000000"):
+        load_base_with_adapters([copy_adapter(trained["sql"], tmp_path / "other-corpus", other_corpus)])
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["detox", "detox-lora"])
