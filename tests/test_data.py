@@ -103,7 +103,7 @@ def test_split_is_seeded_recorded_and_disjoint(tokenizers):
     assert first.stats.eval_example_ids == again.stats.eval_example_ids
     assert first.stats.eval_example_ids != other.stats.eval_example_ids
     assert not set(first.stats.eval_example_ids) & {e["id"] for e in first.train}
-    assert first.stats.eval == len(first.eval) == 200 and first.stats.loaded == 2000
+    assert first.stats.eval == len(first.eval) == 256 and first.stats.loaded == 4000
     assert json.loads(first.stats.to_json())["eval_example_ids"] == first.stats.eval_example_ids
 
 

@@ -223,6 +223,9 @@ def copy_blocks(fields: list[str], tokenizer, base: DictConfig) -> tuple[torch.T
             labels.append(block_labels + [IGNORE_INDEX] * padding)
             block, block_labels = [], []
         block, block_labels = block + unit, block_labels + unit_labels
+    if block:
+        blocks.append(block + [eos] * (seq_len - len(block)))
+        labels.append(block_labels + [IGNORE_INDEX] * (seq_len - len(block)))
     return torch.tensor(blocks), torch.tensor(labels)
 
 
