@@ -142,3 +142,15 @@ def test_overrides_are_checked_against_the_adapters_task_not_the_default_one(arg
 
     assert code == 2 and len(lines) == 1, lines
     assert f"lacks column(s) {missing}; allowed: its columns" in lines[0], lines[0]
+
+
+def test_without_output_dir_earlier_training_runs_in_runs_do_not_block_the_report(tmp_path, monkeypatch):
+    """runs/ holds the user's training runs (`runs/<task>-<model>`); the report goes into a new runs/eval-..., and
+    only that is checked: the one problem left is the missing data file."""
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / "runs" / "detox-tiny-llama"
+    earlier.mkdir(parents=True)
+    (earlier / ".dpeft-owner.json").write_text("{}")
+    (earlier / "metrics.jsonl").write_text("")
+    code, lines = run_entry(monkeypatch, "dpeft-eval", [f"adapter={DETOX.parent / 'sql'}", "task.data.path=nope.jsonl"])
+    assert code == 2 and len(lines) == 1 and "task.data.path='nope.jsonl' does not exist" in lines[0], lines

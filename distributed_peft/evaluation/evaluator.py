@@ -27,7 +27,7 @@ from distributed_peft.evaluation.generation import generate_completions
 from distributed_peft.evaluation.inference import evaluation_mode, progress
 from distributed_peft.evaluation.metrics import score_all
 from distributed_peft.modeling.objective import completion_token_stats
-from distributed_peft.runtime.output_dirs import RUNS_DIR, new_report_dir
+from distributed_peft.runtime.output_dirs import new_report_dir
 
 
 def evaluate_loss(model, loader, accelerator, stop=None, desc: str | None = None) -> dict[str, float]:
@@ -180,7 +180,10 @@ def plan_evaluation(cfg: DictConfig, overrides: Sequence[str]) -> EvaluationPlan
     if output_dir is not None:
         check_output_dir(output_dir)  # before validate's write probe: a directory of the user's files stays untouched
     checked = cfg.copy()  # this command's settings, checked with the task it will evaluate and where it will write
-    checked.task, checked.adapter, checked.output_dir = run_cfg.task, None, str(output_dir or RUNS_DIR)
+    # without output_dir a report goes into a new runs/eval-<task>-<time>: that is what is checked (runs/ itself
+    # holds the user's training runs, which are not this report's directory)
+    report_dir = output_dir or new_report_dir(run_cfg.task.name)
+    checked.task, checked.adapter, checked.output_dir = run_cfg.task, None, str(report_dir)
     validate_run(checked)
     return EvaluationPlan(adapter_dir, metadata, run_cfg, whole_file, output_dir)
 
