@@ -1,6 +1,8 @@
 """The step loop's mechanics beneath the recipe's order: how many steps, the optimizer and its schedule, the windows
 of micro batches the loop consumes, what one window does to the weights, and when the loop stops early.
 
+- `build_optimizer`, `TaskSchedule`: one parameter group per task adapter, stepped only while its task is active,
+  and each task's own learning-rate schedule over its own steps (a one-task run: one group, one schedule).
 - `WindowStream`: gradient-accumulation windows epoch after epoch, from where a checkpoint stopped (the same epoch
   order, its first micro batches skipped); its `position` is what the next checkpoint records.
 - `backward_window`, `clip_gradients`, `step_optimizer`: the loss of a window is (sum of token losses) / (labelled
