@@ -16,13 +16,13 @@ from test_resume import kill_tree, run, start, train_command, wait_for_checkpoin
 from distributed_peft.errors import ConfigError
 from distributed_peft.training.task_runs import step_order
 
-# Two tasks of different lengths (sql 3 steps, detox 5), dropout 0 so that nothing random happens after the
-# adapters' seeded init: each adapter of the joint job must equal the one trained alone with the same settings.
+# Two tasks of different lengths (sql 3 steps, detox 5), with dropout: each step of a task draws its masks from a
+# generator seeded by (its seed, its step), so each adapter of the joint job must equal the one trained alone.
 SHARED = [
     "model=tiny-llama",
     "peft=qlora",
     "training=demo",
-    "peft.dropout=0",
+    "peft.dropout=0.1",
     "training.eval_steps=0",
     "training.max_eval_examples=16",
     "evaluation.generate=false",

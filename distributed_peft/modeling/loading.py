@@ -226,6 +226,8 @@ def activate_adapter(model, name: str, others_at_zero: bool = False) -> None:
         if others_at_zero and isinstance(module, LoraLayer):
             scales = module.__dict__.setdefault("_dpeft_scaling", dict(module.scaling))  # as peft set them
             module.scaling.update({a: (s if a == name else 0.0) for a, s in scales.items()})
+            for adapter, dropout in module.lora_dropout.items():
+                dropout.idle = adapter != name  # SparseDropout draws no mask for an adapter at scale 0
             module._active_adapter = [name, *(a for a in scales if a != name)]
         else:
             module._active_adapter = [name]

@@ -59,10 +59,15 @@ def _scale_and_zero(x: torch.Tensor, positions: torch.Tensor, scale: float) -> t
 
 
 class SparseDropout(nn.Dropout):
-    """nn.Dropout that, training on a CPU, zeroes Geometric-gap positions instead of drawing a full mask."""
+    """nn.Dropout that, training on a CPU, zeroes Geometric-gap positions instead of drawing a full mask.
+
+    `idle`: the adapter it belongs to runs at scale 0 this step (a multi-task job's other adapters under DeepSpeed or
+    FSDP): no mask is drawn, so the active adapter's masks are those it would draw alone."""
+
+    idle = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
+        if not self.training or self.p == 0 or self.idle:
             return x
         if x.device.type != "cpu" or self.p > MAX_SPARSE_P or self.inplace:
             return F.dropout(x, self.p, self.training, self.inplace)

@@ -46,6 +46,13 @@ def count_steps(micro_steps_per_epoch: int, training) -> int:
     return training.max_steps if training.max_steps > 0 else math.ceil(training.epochs * steps_per_epoch)
 
 
+def seed_step(seed: int, step: int) -> None:
+    """Seed torch for a task's `step` from (its seed, the step): its dropout masks then depend on nothing that ran
+    before it (another task's steps in a multi-task job, the steps before a resume), so a task trains the same in a
+    joint job as alone, and a resumed run as an uninterrupted one."""
+    torch.manual_seed((seed * 1_000_003 + step) % 2**63)
+
+
 def build_optimizer(groups: list[tuple[str, list[torch.nn.Parameter], DictConfig]], training) -> torch.optim.Optimizer:
     """training.optimizer with one parameter group per task adapter: (task, its parameters, its training config),
     each with its own lr and weight decay. It steps only the active task's group (`optimizer.active_task`): the

@@ -37,6 +37,7 @@ from distributed_peft.training.loop import (
     count_steps,
     diverged,
     preempted,
+    seed_step,
     step_optimizer,
     stop_requested,
 )
@@ -334,6 +335,7 @@ class FinetuneRecipe:
             for step in range(self.start_step + 1, self.total_steps + 1):
                 run = runs[self.order[step - 1]]
                 self._activate(run)
+                seed_step(run.cfg.training.seed, run.step_done + 1)
                 window = next(windows[run.name])
                 metrics = self.train_step(window, run)
                 self.step_done, run.step_done = step, run.step_done + 1
