@@ -72,9 +72,10 @@ def copy_adapter(source: Path, target: Path, edit) -> Path:
 
 @pytest.mark.slow
 def test_an_adapter_trained_on_another_base_is_refused(trained, tmp_path):
-    def another_recipe(metadata):  # another seed: another embedded base, whatever machine builds it
-        metadata["config"]["model"]["base"]["seed"] += 1
+    def another_recipe(metadata):  # another seed: another embedded base, whatever machine builds it (an adapter
+        metadata["config"]["model"]["base"]["seed"] += 1  # from before the recipe was recorded: read from its config)
         metadata["base"]["fingerprint"] = "0" * 64
+        del metadata["base"]["recipe"]
 
     genuine = trained["sql"]
     foreign = copy_adapter(genuine, tmp_path / "foreign", another_recipe)

@@ -69,7 +69,10 @@ def test_qlora_adapter_beats_base_saves_complete_and_reloads(task, model, tmp_pa
     metrics = read_metrics(tmp_path)
     train_losses = [m["train/loss"] for m in metrics if "train/loss" in m]
     assert len(train_losses) == 40
-    assert sum(train_losses[-10:]) / 10 < sum(train_losses[:10]) / 10, "training loss did not go down"
+    # the loss on the same rows falls as it trains: base, then the adapter at step 20, then at the end (per-batch
+    # training loss on real instruct rows of very different lengths moves 2.9-4.3 from batch to batch: no signal)
+    evals = [m["eval/loss"] for m in metrics if "eval/loss" in m]
+    assert results["base"]["loss"] > evals[0] > evals[-1] == results["adapter"]["loss"], (results["base"], evals)
     # one evaluation during training (eval_steps=20), none at step 40 but the final base-vs-adapter one
     assert [(m["step"], "eval/base_loss" in m) for m in metrics if "eval/loss" in m] == [(20, False), (40, True)]
 
