@@ -59,7 +59,7 @@ def assert_adapter_complete(adapter_dir, r: int) -> None:
 def test_qlora_adapter_beats_base_saves_complete_and_reloads(task, model, tmp_path, bases):
     results = run_training(compose_config(train_overrides(task, model, tmp_path)))
 
-    assert results["adapter"]["loss"] < results["base"]["loss"] - 0.1, results
+    assert results["adapter"]["loss"] < results["base"]["loss"] - 0.05, results
     assert results["adapter"]["token_accuracy"] > results["base"]["token_accuracy"]
     for name in RUN_FILES:
         assert (tmp_path / name).is_file(), f"{name} missing from the run directory"
