@@ -101,16 +101,20 @@ def test_each_adapter_of_the_joint_job_equals_the_one_trained_alone(joint, alone
 
 
 @pytest.mark.slow
-def test_under_zero3_each_adapter_equals_the_one_trained_alone(alone, tmp_path):
-    """DeepSpeed's ZeRO-3 (one rank: its partitioned gradients and optimizer, the same batches). ZeRO keeps the
-    gradient of a parameter that got none from its last step: without the other adapters in the graph at scale 0,
-    their stale gradients entered the clipping norm and the joint detox adapter differed by 4e-4."""
-    out = tmp_path / "zero3"
-    command = joint_command(out, checkpoint_every=0, program="dpeft-launch")
-    run([*command, "distributed=zero3", "num_gpu_workers=1", "main_process_port=29741"])
-    for task in PER_TASK:
-        difference = max_difference(adapter_tensors(out / task), adapter_tensors(alone[task]))
-        assert difference <= TOLERANCE, f"{task}: ZeRO-3 joint and alone adapters differ by {difference:.2e}"
+def test_under_zero3_the_joint_adapter_equals_the_one_trained_alone_under_zero3(tmp_path):
+    """DeepSpeed's ZeRO-3 (one rank: its partitioned gradients and optimizer, the same batches), detox trained in the
+    joint job and alone. ZeRO keeps the gradient of a parameter that got none from its last step: without the other
+    adapters in the graph at scale 0, their stale gradients entered the clipping norm and the joint detox adapter
+    differed by 4.4e-4 (against the plain one-process run ZeRO's float sums differ by up to 3e-5: hence ZeRO alone)."""
+    launch = [*joint_command(tmp_path / "joint", checkpoint_every=0, program="dpeft-launch"), "distributed=zero3",
+              "num_gpu_workers=1"]  # fmt: skip
+    run([*launch, "main_process_port=29741"])
+    alone = [a for a in launch if not a.startswith(("tasks=", "per_task.", "output_dir="))]
+    detox = [o.split(".", 2)[2] for o in JOINT if o.startswith("per_task.detox.")]
+    run([*alone, "task=detox", *detox, f"output_dir={tmp_path / 'alone'}", "main_process_port=29742"])
+    difference = max_difference(adapter_tensors(tmp_path / "joint" / "detox"), adapter_tensors(tmp_path / "alone"))
+    assert difference <= 1e-6, f"detox: ZeRO-3 joint and alone adapters differ by {difference:.2e}"
+    assert max(t.abs().max().item() for k, t in adapter_tensors(tmp_path / "joint" / "sql").items() if "lora_B" in k)
 
 
 @pytest.mark.slow
