@@ -9,7 +9,7 @@ schedule and optimizer state are those it would have had trained alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,6 @@ class TaskRun:
     schedule: Any = None
     windows: Any = None
     log: Any = None
-    train_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint records of this task: its steps, counters and position in its data."""
@@ -66,7 +64,7 @@ class TaskRun:
 
 def task_states(trainer_state: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
     """Each task's recorded state (a checkpoint of a one-task run from before multi-task jobs kept it flat)."""
-    return trainer_state.get("tasks") or {names[0]: {**trainer_state, "step": trainer_state["step"]}}
+    return trainer_state.get("tasks") or {names[0]: trainer_state}
 
 
 def step_order(totals: dict[str, int], interleave: str) -> list[str]:
