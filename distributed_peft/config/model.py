@@ -49,6 +49,7 @@ class EmbeddedBaseConfig:
     pretrain_lr: float = 3e-3
     pretrain_copy_share: float = 0.8  # share of each batch that is `X <sep> X` copy blocks (loss on the copy only)
     pretrain_copy_separator: str = "<sep>"  # a special token of the base's tokenizer between X and its copy
+    copy_circuit_init: bool = False  # Llama: start from weights that already copy (modeling/copy_circuit.py)
 
 
 @dataclass
@@ -97,7 +98,36 @@ def _check_random_weights(model: DictConfig, problems: list[str]) -> None:
             )
 
 
-def _check_embedded_base(base: DictConfig, problems: list[str]) -> None:
+COPY_CIRCUIT_PREVIOUS_TOKEN_PAIRS = 8  # RoPE's fastest frequency pairs that place the previous token first
+
+
+def copy_circuit_problem(hidden_size: int, num_heads: int, num_layers: int) -> str | None:
+    """What a Llama of this shape lacks to take the copying circuit (modeling/copy_circuit.py), or None."""
+    head_dim = hidden_size // num_heads
+    if num_layers < 2:
+        return "num_layers >= 2 (an induction head needs two layers)"
+    if 2 * head_dim > hidden_size:
+        return "num_heads >= 2 (the previous token needs head_dim dims of the residual stream of its own)"
+    if head_dim < 4 * COPY_CIRCUIT_PREVIOUS_TOKEN_PAIRS:
+        return f"hidden_size / num_heads >= {4 * COPY_CIRCUIT_PREVIOUS_TOKEN_PAIRS}"
+    return None
+
+
+def _check_copy_circuit(base: DictConfig, family: str, problems: list[str]) -> None:
+    if not base.copy_circuit_init or min(base.hidden_size, base.num_heads, base.num_layers) < 1:
+        return
+    if family != "llama":
+        problems.append(
+            f"model.base.copy_circuit_init=True is invalid for family {family!r}; allowed: false, or true for llama "
+            "(the circuit's previous-token head is placed by RoPE; BLOOM's ALiBi always favours the token itself)"
+        )
+        return
+    why = copy_circuit_problem(base.hidden_size, base.num_heads, base.num_layers)
+    if why:
+        problems.append(f"model.base.copy_circuit_init=True is invalid for this base's shape; it needs {why}")
+
+
+def _check_embedded_base(base: DictConfig, family: str, problems: list[str]) -> None:
     """The shape of an embedded base (model.base.*) must build: positive sizes, heads that divide the width."""
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                 "pretrain_batch_size", "pretrain_seq_len"):  # fmt: skip
@@ -115,6 +145,7 @@ def _check_embedded_base(base: DictConfig, problems: list[str]) -> None:
         separator,
         "a non-empty token without whitespace other than <pad>, <s>, </s> (e.g. <sep>)",
     )
+    _check_copy_circuit(base, family, problems)
     if base.num_heads >= 1 and base.hidden_size >= 1 and base.hidden_size % base.num_heads:
         problems.append(
             f"model.base.hidden_size={base.hidden_size!r} is invalid; it must be a multiple of model.base.num_heads "
@@ -137,4 +168,4 @@ def check_model(cfg: DictConfig, problems: list[str]) -> None:
     if model.embedded and model.base is None:
         problems.append(f"model.base=None is invalid for embedded model {model.name!r}; it must describe its shape")
     if model.base is not None:
-        _check_embedded_base(model.base, problems)
+        _check_embedded_base(model.base, model.family, problems)

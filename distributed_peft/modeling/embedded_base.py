@@ -29,6 +29,7 @@ from safetensors import safe_open
 from distributed_peft.constants import SAMPLE_DATA_DIR
 from distributed_peft.data.task_data import IGNORE_INDEX
 from distributed_peft.errors import ConfigError, StorageError
+from distributed_peft.modeling.copy_circuit import wire_copy_circuit
 
 BASE_METADATA = "dpeft_base.json"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -360,6 +361,8 @@ def _build(model_cfg: DictConfig, target: Path) -> Path:
     torch.manual_seed(base.seed)
     with whole_on_this_process():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if base.copy_circuit_init:
+        wire_copy_circuit(model, base.seed)
     lm = lm_blocks(texts, tokenizer, base.pretrain_seq_len)
     copy = copy_blocks([field for fields in records for field in fields], tokenizer, base)
     start = time.perf_counter()
