@@ -56,7 +56,7 @@ def test_switching_adapters_gives_what_each_adapter_alone_gives(trained):
     alone_detox = generate([trained["detox"]], "How many employees are there?", context=schema)
     assert both["sql"] == alone_sql["sql"] and both["detox"] == alone_detox["detox"]
     assert both["sql"]["prompt"].startswith(f"<Schema>: {schema}\n<Question>: How many employees are there?")
-    assert both["detox"]["prompt"] == "<Toxic>: How many employees are there?\n<Neutral>: "
+    assert both["detox"]["prompt"] == "<Toxic>: How many employees are there?\n<Neutral>:"
     assert both["sql"]["adapter"] != both["detox"]["adapter"], "each adapter answers in its own task's way"
     assert both["sql"]["adapter"].upper().startswith("SELECT")
 

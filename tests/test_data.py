@@ -38,8 +38,8 @@ def test_prompt_tokens_unlabelled_and_every_completion_token_labelled(task, mode
         n_prompt = len(prompt)
         assert ids[:n_prompt] == prompt and labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
         assert len(ids) > n_prompt and labels[n_prompt:] == ids[n_prompt:], "every completion token and EOS labelled"
-        completion = tokenizer(format_completion(cfg.task, example["record"]), add_special_tokens=False)["input_ids"]
-        assert ids[n_prompt:] == [*completion, tokenizer.eos_token_id]
+        text = format_prompt(cfg.task, example["record"]) + format_completion(cfg.task, example["record"])
+        assert ids == [*tokenizer(text)["input_ids"], tokenizer.eos_token_id], "tokenized as running text"
     if model == "tiny-llama":
         assert data.train[0]["input_ids"][0] == tokenizer.bos_token_id
 
@@ -52,9 +52,24 @@ def test_labels_decode_to_exactly_the_completion(tokenizers):
     assert prompt == "<Toxic>: this idiot knows nothing\n<Neutral>: "
     example = tokenize_example(cfg.task, record, tokenizer, max_seq_len=128)
     labelled = [t for t in example["labels"] if t != IGNORE_INDEX]
-    assert tokenizer.decode(labelled[:-1]) == completion
+    assert tokenizer.decode(labelled[:-1]) == " " + completion, "the prompt's trailing space is the first word's"
     assert labelled[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(example["input_ids"], skip_special_tokens=True) == prompt + completion
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-bloom"])
+def test_a_word_copied_from_the_input_is_the_same_token_in_the_completion(model, tokenizers):
+    """`<Neutral>: ` ends in a space, which a BPE tokenizer writes into the next word's token: tokenized apart, the
+    prompt ended in a lone space and the rewrite's first word was another token than the same word in the input, so
+    a base that copies started every rewrite wrong (held-out detox BLEU 20.9 -> 25.2 with the fix)."""
+    tokenizer = tokenizers[model]
+    cfg = compose_config(["task=detox", f"model={model}"])
+    record = {"toxic": "whatever the fuck they say", "neutral": "whatever they say"}
+    example = tokenize_example(cfg.task, record, tokenizer, max_seq_len=128)
+    prompt = prompt_ids(cfg.task, record, tokenizer)
+    first_copied = tokenizer(" whatever", add_special_tokens=False)["input_ids"]
+    assert example["input_ids"][len(prompt) : len(prompt) + len(first_copied)] == first_copied
+    assert tokenizer.convert_ids_to_tokens(prompt[-1]) == ":", "no lone-space token at the end of the prompt"
 
 
 def test_instruct_uses_the_no_input_template_when_input_is_empty():
@@ -152,3 +167,23 @@ def test_collate_pads_right_with_the_tokenizers_pad_id_and_no_loss_on_padding(to
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_an_adapter_recorded_before_prompt_space_reads_its_prompts_as_it_was_trained(tokenizers):
+    """Its config.yaml has no task.prompt_space: it learned `<Neutral>: ` with the space as the prompt's last token,
+    and generation must give it that (fed the new ids, the old SQL adapter answered `)SELECT ...`)."""
+    from omegaconf import OmegaConf
+
+    from distributed_peft.config.store import load_recorded_config
+
+    tokenizer = tokenizers["tiny-llama"]
+    recorded = OmegaConf.to_container(compose_config(["task=detox"]), resolve=True)
+    del recorded["task"]["prompt_space"]
+    old = load_recorded_config(recorded).task
+    record = {"toxic": "whatever the fuck they say", "neutral": "whatever they say"}
+    assert old.prompt_space == "prompt"
+    assert prompt_ids(old, record, tokenizer) == tokenizer("<Toxic>: whatever the fuck they say\n<Neutral>: ")["input_ids"]
+    example = tokenize_example(old, record, tokenizer, max_seq_len=128)
+    alone = tokenizer("whatever they say", add_special_tokens=False)["input_ids"]
+    assert example["input_ids"] == [*prompt_ids(old, record, tokenizer), *alone, tokenizer.eos_token_id]
+    assert load_recorded_config(OmegaConf.to_container(compose_config(["task=detox"]))).task.prompt_space == "completion"

@@ -145,7 +145,7 @@ def test_bad_requests_are_4xx_with_one_line_and_the_server_carries_on(explorer_u
         assert (status, list(body)) == (expected_status, ["error"]), (payload, body)
         assert expected in body["error"] and "\n" not in body["error"]
     status, body = call(generate, {"task": "detox", "prompt": "you are a total idiot", "max_new_tokens": 8})
-    assert status == 200 and body["prompt"].endswith("<Toxic>: you are a total idiot\n<Neutral>: ")
+    assert status == 200 and body["prompt"].endswith("<Toxic>: you are a total idiot\n<Neutral>:")
     sampled = {"task": "detox", "prompt": "you are a total idiot", "max_new_tokens": 8, "temperature": 1.5, "seed": 3}
     first, again = call(generate, sampled)[1], call(generate, sampled)[1]
     assert first == again, "sampling with a seed answers the same again"
@@ -242,7 +242,7 @@ def test_page_in_chromium_shows_base_and_adapter_like_dpeft_generate(explorer_ur
     browser.find_element(By.ID, "generate").click()
     wait.until(lambda _: value("adapter-output").strip())
     adapter, base, prompt = value("adapter-output"), value("base-output"), value("prompt")
-    assert prompt.endswith(f"<Schema>: {fields['context']}\n<Question>: {fields['question']}\n<SQL>: ")
+    assert prompt.endswith(f"<Schema>: {fields['context']}\n<Question>: {fields['question']}\n<SQL>:")
     assert adapter.upper().startswith("SELECT") and adapter != base
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "explorer.png"))

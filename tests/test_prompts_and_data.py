@@ -227,15 +227,15 @@ def test_generate_and_the_explorer_honour_the_instruct_input(monkeypatch, capsys
     out = generate_cli(
         monkeypatch, capsys, [f"adapters=[{PREBUILT / 'instruct'}]", "prompt=Sum the numbers", "+inputs.input=1, 2"]
     )
-    assert "<Instruction>: Sum the numbers\n<Input>: 1, 2\n<Response>: " in out
+    assert "<Instruction>: Sum the numbers\n<Input>: 1, 2\n<Response>:" in out
     without_plus = generate_cli(
         monkeypatch, capsys, [f"adapters=[{PREBUILT / 'instruct'}]", "prompt=Sum the numbers", "inputs.input=1, 2"]
     )
     assert without_plus == out
     answer = ask(explorer, {"task": "instruct", "prompt": "Sum the numbers", "inputs": {"input": "1, 2"}})
-    assert answer["prompt"].endswith("<Instruction>: Sum the numbers\n<Input>: 1, 2\n<Response>: ")
+    assert answer["prompt"].endswith("<Instruction>: Sum the numbers\n<Input>: 1, 2\n<Response>:")
     page = explorer.submit("instruct", {"instruction": "Sum the numbers", "input": ""}, TOKENS).result(timeout=120)
-    assert page["prompt"].endswith("<Instruction>: Sum the numbers\n<Response>: "), "no input: the no-input template"
+    assert page["prompt"].endswith("<Instruction>: Sum the numbers\n<Response>:"), "no input: the no-input template"
 
 
 # The task configs' templates written out: every path must build exactly these bytes.
@@ -289,7 +289,7 @@ def test_train_eval_generate_and_the_explorer_build_byte_identical_prompts(task,
     adapter = explorer.adapter(task)
     for example in examples:
         record, main = example["record"], MAIN_FIELD[task]
-        expected = tokenizer(EXPECTED_PROMPT[task](record))["input_ids"]
+        expected = tokenizer(EXPECTED_PROMPT[task](record).rstrip(" "))["input_ids"]  # the space: the first word's
         assert expected[0] == tokenizer.bos_token_id
         n_prompt = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
         assert example["input_ids"][:n_prompt] == expected, "dpeft-train"
@@ -332,9 +332,9 @@ def test_config_syntax_in_a_prompt_or_a_data_value_is_text(monkeypatch, capsys, 
     out = generate_cli(
         monkeypatch, capsys, [f"adapters=[{PREBUILT / 'instruct'}]", f"prompt=be {home} {{x", "+inputs.input=a}b ${x"]
     )
-    assert f"<Instruction>: be {home} {{x\n<Input>: a}}b ${{x\n<Response>: " in out
+    assert f"<Instruction>: be {home} {{x\n<Input>: a}}b ${{x\n<Response>:" in out
     answer = ask(explorer, {"task": "instruct", "prompt": f"be {home} {{x", "inputs": {"input": "{input}"}})
-    assert answer["prompt"].endswith(f"<Instruction>: be {home} {{x\n<Input>: {{input}}\n<Response>: ")
+    assert answer["prompt"].endswith(f"<Instruction>: be {home} {{x\n<Input>: {{input}}\n<Response>:")
     record = {"prompt": f"{{completion}} {home} }}", "completion": "{0}"}
     path = write_jsonl(tmp_path / "braces.jsonl", [json.dumps(record)])
     task = custom_task(path, "task.prompt_template=Q: {prompt}\\nA: ")

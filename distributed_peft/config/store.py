@@ -40,6 +40,9 @@ def load_recorded_config(recorded: dict[str, Any] | DictConfig) -> DictConfig:
     register_configs()
     if isinstance(recorded, DictConfig):  # config.yaml as OmegaConf.load read it: saved resolved, so text only
         recorded = OmegaConf.to_container(recorded, resolve=False)
+    if isinstance(recorded.get("task"), dict) and "prompt_space" not in recorded["task"]:
+        # recorded before task.prompt_space: that adapter learned its prompts with the trailing space as a token
+        recorded = {**recorded, "task": {**recorded["task"], "prompt_space": "prompt"}}
     return OmegaConf.merge(OmegaConf.structured(Config), _literal(recorded))
 
 

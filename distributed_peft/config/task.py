@@ -28,6 +28,13 @@ class DataFormat(Choice):
     PARQUET = "parquet"
 
 
+class PromptSpace(Choice):
+    """Where a prompt's trailing spaces are tokenized (data/prompts.prompt_ids)."""
+
+    COMPLETION = "completion"  # with the completion's first word, as in running text
+    PROMPT = "prompt"  # as the prompt's own last token: how adapters trained before this option read their prompts
+
+
 class TaskMetric(Choice):
     EXACT_MATCH = "exact_match"
     EXECUTION_ACCURACY = "execution_accuracy"
@@ -61,6 +68,7 @@ class TaskConfig:
     prompt_template: str = "???"  # what the model reads; its tokens get no loss
     prompt_template_no_input: Optional[str] = None  # used when the `input` field is empty (Alpaca style)
     completion_template: str = "???"  # what the model learns to write; EOS is appended
+    prompt_space: str = "completion"  # a prompt's trailing spaces: tokenized with the completion's first word, or prompt
     metrics: list[str] = field(default_factory=lambda: ["chrf"])  # scored on greedy generations, base vs adapter
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -130,6 +138,7 @@ def check_task_data(cfg: DictConfig, problems: list[str]) -> None:
     task = cfg.task
     data = task.data
     check_choice(problems, "task.data.source", data.source, DataSource)
+    check_choice(problems, "task.prompt_space", task.prompt_space, PromptSpace)
     check(problems, 0 < data.fraction <= 1, "task.data.fraction", data.fraction, "in (0, 1]")
     if data.max_examples is not None:
         check(problems, data.max_examples > 0, "task.data.max_examples", data.max_examples, "> 0 or null")

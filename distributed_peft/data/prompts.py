@@ -79,8 +79,29 @@ def format_completion(task: DictConfig, record: dict[str, Any]) -> str:
 
 def prompt_ids(task: DictConfig, record: dict[str, Any], tokenizer) -> list[int]:
     """The token ids of a record's prompt, with BOS where the tokenizer adds one: what training puts before the
-    completion and what evaluation and generation generate from."""
-    return tokenizer(format_prompt(task, record))["input_ids"]
+    completion and what evaluation and generation generate from.
+
+    Trailing spaces are left to the completion (completion_ids). A BPE tokenizer writes a word's leading space into
+    the word's token, so `<Neutral>: ` alone would end in a lone-space token, and the completion's first word would
+    be a token (`whatever`) other than the one the same word is in running text (` whatever`, as in the input): a model
+    that copies the input then starts every rewrite wrong. task.prompt_space=prompt keeps the space in the prompt (how
+    adapters recorded before that option were trained, which is what their recorded config says)."""
+    text = format_prompt(task, record)
+    return tokenizer(text.rstrip(" ") if task.prompt_space == "completion" else text)["input_ids"]
+
+
+def completion_ids(task: DictConfig, record: dict[str, Any], tokenizer, prompt: list[int]) -> list[int]:
+    """The token ids of a record's completion (without EOS) after its `prompt` ids: what the prompt text followed by
+    the completion tokenizes to after the prompt's ids, so the prompt's trailing space joins the first word as in
+    running text. A tokenizer whose joint ids do not start with the prompt's (one that appends EOS, say) gets the
+    completion tokenized alone."""
+    completion = format_completion(task, record)
+    if task.prompt_space != "completion":
+        return tokenizer(completion, add_special_tokens=False)["input_ids"]
+    joint = tokenizer(format_prompt(task, record) + completion)["input_ids"]
+    if joint[: len(prompt)] == prompt and len(joint) > len(prompt):
+        return joint[len(prompt) :]
+    return tokenizer(completion, add_special_tokens=False)["input_ids"]
 
 
 def prompt_fields(task: DictConfig) -> list[str]:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from distributed_peft.config import resolve_data_format, resolve_data_source
 from distributed_peft.constants import SAMPLE_DATA_DIR
 from distributed_peft.data.files import read_text_columns
-from distributed_peft.data.prompts import format_completion, optional_fields, prompt_ids
+from distributed_peft.data.prompts import completion_ids, format_completion, optional_fields, prompt_ids
 from distributed_peft.errors import DataError
 
 IGNORE_INDEX = -100  # label of tokens that get no loss (prompt and padding)
@@ -93,7 +93,7 @@ def tokenize_example(task: DictConfig, record: dict[str, Any], tokenizer, max_se
     Sequences longer than max_seq_len are cut at the end; `truncated` tells whether that happened.
     """
     prompt = prompt_ids(task, record, tokenizer)
-    completion = tokenizer(format_completion(task, record), add_special_tokens=False)["input_ids"]
+    completion = completion_ids(task, record, tokenizer, prompt)
     completion.append(tokenizer.eos_token_id)
     input_ids = (prompt + completion)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_seq_len]
