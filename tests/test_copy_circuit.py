@@ -43,7 +43,8 @@ def test_the_wired_init_copies_held_out_text_before_any_training_and_a_random_on
 def test_the_built_base_still_copies_after_pretraining(bases):
     pretrain = json.loads((bases["tiny-llama"] / "dpeft_base.json").read_text())["pretrain"]
     assert pretrain["copy_circuit_init"] is True
-    assert pretrain["copy_accuracy"] > 0.9, pretrain["copy_accuracy"]  # measured 0.974; 400 steps from a random init: 0.08
+    # measured 0.974; 400 steps from a random init: 0.08
+    assert pretrain["copy_accuracy"] > 0.9, pretrain["copy_accuracy"]
     assert pretrain["final_loss"] < pretrain["first_loss"] - 1.5
 
 

@@ -182,8 +182,10 @@ def test_an_adapter_recorded_before_prompt_space_reads_its_prompts_as_it_was_tra
     old = load_recorded_config(recorded).task
     record = {"toxic": "whatever the fuck they say", "neutral": "whatever they say"}
     assert old.prompt_space == "prompt"
-    assert prompt_ids(old, record, tokenizer) == tokenizer("<Toxic>: whatever the fuck they say\n<Neutral>: ")["input_ids"]
+    as_trained = tokenizer("<Toxic>: whatever the fuck they say\n<Neutral>: ")["input_ids"]
+    assert prompt_ids(old, record, tokenizer) == as_trained
     example = tokenize_example(old, record, tokenizer, max_seq_len=128)
     alone = tokenizer("whatever they say", add_special_tokens=False)["input_ids"]
     assert example["input_ids"] == [*prompt_ids(old, record, tokenizer), *alone, tokenizer.eos_token_id]
-    assert load_recorded_config(OmegaConf.to_container(compose_config(["task=detox"]))).task.prompt_space == "completion"
+    new = load_recorded_config(OmegaConf.to_container(compose_config(["task=detox"])))
+    assert new.task.prompt_space == "completion"

@@ -68,7 +68,7 @@ class TaskConfig:
     prompt_template: str = "???"  # what the model reads; its tokens get no loss
     prompt_template_no_input: Optional[str] = None  # used when the `input` field is empty (Alpaca style)
     completion_template: str = "???"  # what the model learns to write; EOS is appended
-    prompt_space: str = "completion"  # a prompt's trailing spaces: tokenized with the completion's first word, or prompt
+    prompt_space: str = "completion"  # a prompt's trailing spaces: with the completion's first word, or prompt
     metrics: list[str] = field(default_factory=lambda: ["chrf"])  # scored on greedy generations, base vs adapter
     data: DataConfig = field(default_factory=DataConfig)
 

@@ -25,6 +25,7 @@ import math
 import torch
 
 from distributed_peft.config.model import COPY_CIRCUIT_PREVIOUS_TOKEN_PAIRS as PREVIOUS_TOKEN_PAIRS
+
 ATTENTION_MARGIN = 10.0  # logits between the wanted key and the others, at init
 COPY_GAIN = 3.0  # the copied token's vector against the current token's, in the residual stream
 OUTPUT_LOGIT = 10.0  # the copied token's logit at init
@@ -32,7 +33,9 @@ OUTPUT_LOGIT = 10.0  # the copied token's logit at init
 
 @torch.no_grad()
 def wire_copy_circuit(model, seed: int) -> None:
-    """Set a freshly initialized LlamaForCausalLM's weights to the copying circuit described above (in place); config.model.copy_circuit_problem checked the shape."""
+    """Set a freshly initialized LlamaForCausalLM's weights to the copying circuit described above (in place).
+
+    config.model.copy_circuit_problem has checked that the shape takes it."""
     config = model.config
     d, heads = config.hidden_size, config.num_attention_heads
     h = d // heads
