@@ -70,5 +70,5 @@ def test_attach_lora_uses_sparse_dropout_with_the_configured_p(bases):
     cfg = compose_config(["model=tiny-llama", "peft=lora", "peft.dropout=0.07"])
     model = attach_lora(load_base_model(cfg, str(bases["tiny-llama"])), cfg)
     dropouts = [m for name, m in model.named_modules() if name.rsplit(".", 2)[-2:-1] == ["lora_dropout"]]
-    assert len(dropouts) == 4 * 7
+    assert len(dropouts) == model.config.num_hidden_layers * 7
     assert all(type(d) is SparseDropout and d.p == 0.07 for d in dropouts)

@@ -173,11 +173,11 @@ def test_a_run_logs_its_throughput_every_step_records_it_and_prints_it_last(tmp_
         assert row["train/peak_memory_mib"] > 0 and row["train/tokens_per_s"] > 0
         assert row["train/model_tflops_per_s_per_worker"] > 0 and "train/mfu" not in row
     run = json.loads((tmp_path / "adapter" / "dpeft_adapter.json").read_text())["run"]["throughput"]
-    # tiny-llama: width 128, MLP 256, 4 layers, 4 heads of 32 (2 kv heads), its tokenizer's vocabulary; LoRA on all
+    # tiny-llama: width 128, MLP 256, 2 layers, 2 heads of 64 (2 kv heads), its tokenizer's vocabulary; LoRA on all
     # seven linears
     vocab = json.loads((bases["tiny-llama"] / "config.json").read_text())["vocab_size"]
-    weights = 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256) + 128 * vocab
-    lora_widths = 4 * ((128 + 128) + 2 * (128 + 64) + (128 + 128) + 3 * (128 + 256))
+    weights = 2 * (4 * 128 * 128 + 3 * 128 * 256) + 128 * vocab
+    lora_widths = 2 * (4 * (128 + 128) + 3 * (128 + 256))
     assert run["model_flops_per_token"] == 4 * weights + 6 * cfg.peft.r * lora_widths
     assert (run["mfu"], run["mfu_unknown"], run["peak_memory_kind"]) == (None, "CPU", "RSS")
     assert run["tokens_per_s"] == steps[-1]["train/tokens_per_s"]

@@ -110,7 +110,7 @@ def test_lora_rank_above_the_model_width_and_absurd_values_are_refused():
     assert problems_of(["training.lr=3"]) == ["training.lr=3.0 is invalid; it must be > 0 and <= 1 (e.g. 2e-4)"]
     assert problems_of(["training.seed=-1"]) == ["training.seed=-1 is invalid; it must be in [0, 4294967295]"]
     assert problems_of(["model.base.num_kv_heads=3"]) == [
-        "model.base.num_kv_heads=3 is invalid; it must divide model.base.num_heads (4)"
+        "model.base.num_kv_heads=3 is invalid; it must divide model.base.num_heads (2)"
     ]
     assert problems_of(["evaluation.max_new_tokens=1000"]) == [
         "evaluation.max_new_tokens=1000 is invalid; it must be <= 512 (the context length of model tiny-llama)"

@@ -107,8 +107,12 @@ def test_micro_2_times_accumulation_4_is_the_update_of_micro_8(packing, tmp_path
     """20 train rows: micro 8 gives batches 8, 8, 4; micro 2 x 4 gives windows of 8, 8 and a partial 4 - the same rows.
 
     The loss of a window is normalised by the labelled tokens of the whole window, so the adapters agree within 1e-5.
+    LoRA is on every linear but q_proj/k_proj: the base's wired previous-token head (modeling/copy_circuit.py) has a
+    saturated softmax, so those adapters' true gradient is ~0 and what they get is rounding noise, which Adam scales
+    to lr-sized moves (measured: layer 0 q_proj.lora_B differed by 7.9e-6 / 1.0e-5; every other tensor <= 8.6e-7).
     """
-    common = ["training.max_steps=3", f"training.packing={packing}", EXACT_LR]
+    no_query_key = "peft.target_modules=[v_proj,o_proj,gate_proj,up_proj,down_proj]"
+    common = ["training.max_steps=3", f"training.packing={packing}", EXACT_LR, no_query_key]
     big = tmp_path / "big"
     run_training(compose_config(quick(tmp_path, big, *common, "training.micro_batch_size=8")))
     small = tmp_path / "accumulated"

@@ -116,7 +116,7 @@ def copy_circuit_problem(hidden_size: int, num_heads: int, num_layers: int) -> s
 def _check_copy_circuit(base: DictConfig, family: str, problems: list[str]) -> None:
     if not base.copy_circuit_init or min(base.hidden_size, base.num_heads, base.num_layers) < 1:
         return
-    if family != "llama":
+    if family == "bloom":  # another unknown family is check_model's one line already
         problems.append(
             f"model.base.copy_circuit_init=True is invalid for family {family!r}; allowed: false, or true for llama "
             "(the circuit's previous-token head is placed by RoPE; BLOOM's ALiBi always favours the token itself)"
