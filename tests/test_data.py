@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import compose_config, shared_dataset
 
-from distributed_peft.data.prompts import format_completion, format_prompt, prompt_ids
+from distributed_peft.data.prompts import completion_ids, format_completion, format_prompt, prompt_ids
 from distributed_peft.data.task_data import (
     IGNORE_INDEX,
     collate_padded,
@@ -167,6 +167,22 @@ def test_collate_pads_right_with_the_tokenizers_pad_id_and_no_loss_on_padding(to
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_a_tokenizer_that_appends_eos_still_gets_the_prompts_trailing_space_before_the_completion(tokenizers):
+    """Its joint ids end in EOS, so they do not start with the prompt's: the completion is then tokenized alone, with
+    the space the prompt's ids left out in front of it (not dropped)."""
+    tokenizer = tokenizers["tiny-llama"]
+
+    def appending_eos(text, add_special_tokens=True):
+        ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        return {"input_ids": ids + [tokenizer.eos_token_id] if add_special_tokens else ids}
+
+    task = compose_config(["task=detox"]).task
+    record = {"toxic": "whatever the fuck they say", "neutral": "whatever they say"}
+    prompt = prompt_ids(task, record, appending_eos)
+    assert prompt[-1] == tokenizer.eos_token_id
+    assert completion_ids(task, record, appending_eos, prompt) == tokenizer(" whatever they say")["input_ids"][1:]
 
 
 def test_an_adapter_recorded_before_prompt_space_reads_its_prompts_as_it_was_trained(tokenizers):

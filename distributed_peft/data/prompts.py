@@ -94,14 +94,16 @@ def completion_ids(task: DictConfig, record: dict[str, Any], tokenizer, prompt: 
     """The token ids of a record's completion (without EOS) after its `prompt` ids: what the prompt text followed by
     the completion tokenizes to after the prompt's ids, so the prompt's trailing space joins the first word as in
     running text. A tokenizer whose joint ids do not start with the prompt's (one that appends EOS, say) gets the
-    completion tokenized alone."""
+    prompt's trailing spaces and the completion tokenized alone."""
     completion = format_completion(task, record)
     if task.prompt_space != "completion":
         return tokenizer(completion, add_special_tokens=False)["input_ids"]
-    joint = tokenizer(format_prompt(task, record) + completion)["input_ids"]
+    text = format_prompt(task, record)
+    joint = tokenizer(text + completion)["input_ids"]
     if joint[: len(prompt)] == prompt and len(joint) > len(prompt):
         return joint[len(prompt) :]
-    return tokenizer(completion, add_special_tokens=False)["input_ids"]
+    spaces = text[len(text.rstrip(" ")) :]  # not in `prompt`: without them here the model would never see them
+    return tokenizer(spaces + completion, add_special_tokens=False)["input_ids"]
 
 
 def prompt_fields(task: DictConfig) -> list[str]:

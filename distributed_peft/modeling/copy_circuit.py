@@ -65,24 +65,21 @@ def wire_copy_circuit(model, seed: int) -> None:
         first.k_proj.weight[i, 0] = amplitude
         first.q_proj.weight[i, 0] = amplitude * math.cos(angle)
         first.q_proj.weight[i + half, 0] = -amplitude * math.sin(angle)
-    for j in range(n_token):
-        first.v_proj.weight[j, 1 + j] = 1.0
-        first.o_proj.weight[h + j, j] = 1.0 / scale0  # the previous token's vector, unit norm, into dims h..2h-1
+    identity = torch.eye(n_token)
+    first.v_proj.weight[:n_token, 1 : 1 + n_token] = identity  # the token's vector
+    first.o_proj.weight[h : h + n_token, :n_token] = identity * (1.0 / scale0)  # ... unit norm, into dims h..2h-1
 
     # Layer 1, head 0: the residual is [1, token, previous token], RMS-normalized to sqrt(d/3) per unit.
     scale1 = math.sqrt(d / 3)
     slow_pairs = range(half // 2, half)  # RoPE turns these by under 0.1 rad per 10 positions: content, not place
     matched = 2 * len(slow_pairs)
     beta = math.sqrt(ATTENTION_MARGIN * math.sqrt(h) * n_token / (scale1**2 * matched))
-    k = 0
-    for i in slow_pairs:
-        for row in (i, i + half):
-            second.q_proj.weight[row, 1 + k] = beta
-            second.k_proj.weight[row, h + k] = beta
-            k += 1
-    for j in range(n_token):
-        second.v_proj.weight[j, 1 + j] = 1.0
-        second.o_proj.weight[1 + j, j] = COPY_GAIN / scale1
+    rows = [row for i in slow_pairs for row in (i, i + half)]  # the k-th reads token dim k, the key its previous
+    for k, row in enumerate(rows):
+        second.q_proj.weight[row, 1 + k] = beta
+        second.k_proj.weight[row, h + k] = beta
+    second.v_proj.weight[:n_token, 1 : 1 + n_token] = identity
+    second.o_proj.weight[1 : 1 + n_token, :n_token] = identity * (COPY_GAIN / scale1)
 
     # lm_head reads the token vectors; the final residual's token part is ~ token + COPY_GAIN * copied token.
     scale_final = math.sqrt(d / (2 + COPY_GAIN**2 + 1))
