@@ -9,7 +9,9 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from distributed_peft.config.checks import Choice, check, check_choice
+from distributed_peft.config.gguf import checked_header
 from distributed_peft.constants import HUB_CONFIGS_DIR
+from distributed_peft.errors import ConfigError
 
 
 class ModelFamily(Choice):
@@ -67,6 +69,11 @@ class ModelConfig:
     weights: str = "pretrained"  # random: the architecture from resources/hub_configs/<name>.json, no download
     init_seed: int = 0  # the random init's seed (weights=random)
     config_overrides: dict[str, Any] = field(default_factory=dict)  # weights=random: config.json keys replaced
+    # A GGUF checkpoint (llama.cpp's format) to start from: a local path, or pkg:MODULE/FILE inside an installed Python
+    # package; converted once into a cached transformers checkpoint (modeling/gguf_base.py). name_or_path then names
+    # the original it was quantized from (cards, portable names); nothing is downloaded.
+    gguf_file: Optional[str] = None
+    gguf_requirement: Optional[str] = None  # the pip requirement of gguf_file's package, named when it is missing
 
 
 def bundled_hub_configs() -> list[str]:
@@ -169,3 +176,24 @@ def check_model(cfg: DictConfig, problems: list[str]) -> None:
         problems.append(f"model.base=None is invalid for embedded model {model.name!r}; it must describe its shape")
     if model.base is not None:
         _check_embedded_base(model.base, model.family, problems)
+    _check_gguf(model, problems)
+
+
+def _check_gguf(model: DictConfig, problems: list[str]) -> None:
+    """model.gguf_file: a GGUF that transformers converts, of the model's family, long enough a context (its header
+    only is read); not beside an embedded or random-weight base."""
+    if not model.get("gguf_file"):
+        return
+    if model.embedded or model.weights == "random":
+        kind = "embedded" if model.embedded else "model.weights='random'"
+        problems.append(
+            f"model.gguf_file={model.gguf_file!r} is invalid for a {kind} base; allowed: null, or a GGUF file for a "
+            "pretrained base (e.g. model=smollm2-135m)"
+        )
+        return
+    if problems and any(p.startswith(("model.family", "model.context_length")) for p in problems):
+        return  # the header is checked against a family and a context length that are valid
+    try:
+        checked_header(model)
+    except ConfigError as error:
+        problems.extend(error.problems)

@@ -25,7 +25,9 @@ class BaseIdentity:
     name_or_path: str
     fingerprint: str
     recipe: str | None = None  # recipe digest of an embedded base (embedded_base.recipe_digest), else None
-    weights: str | None = None  # "random" for a base built with model.weights=random (never a real checkpoint)
+    weights: str | None = None  # "random" for a base built with model.weights=random (never a real checkpoint),
+    # "gguf" for one converted from a GGUF file (the quantized checkpoint's values, not the original's)
+    gguf: str | None = None  # that GGUF: file name, origin, weight types, content digest (gguf_base.gguf_source)
 
     def to_dict(self) -> dict[str, str]:
         return {key: value for key, value in asdict(self).items() if value is not None}
@@ -51,6 +53,14 @@ def resolve_base(model_cfg: DictConfig) -> tuple[str, BaseIdentity]:
         directory, digest = build_random_base(model_cfg)
         identity = BaseIdentity(model_cfg.name, model_cfg.family, model_cfg.name, f"random:{digest}", weights="random")
         return str(directory), identity
+    if model_cfg.get("gguf_file"):
+        from distributed_peft.modeling.embedded_base import base_metadata
+        from distributed_peft.modeling.gguf_base import build_gguf_base
+
+        directory, source = build_gguf_base(model_cfg)
+        fingerprint = base_metadata(directory)["fingerprint"]
+        path = model_cfg.name_or_path  # the original's Hub id: what a card names, never this machine's cache path
+        return str(directory), BaseIdentity(model_cfg.name, model_cfg.family, path, fingerprint, weights="gguf", gguf=source)
     if model_cfg.embedded:
         from distributed_peft.modeling.embedded_base import base_metadata, build_base, recipe_digest
 
