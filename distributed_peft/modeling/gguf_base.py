@@ -129,6 +129,8 @@ def _convert(model_cfg: DictConfig, header: GgufHeader, target: Path, source: st
         tokenizer.pad_token = tokenizer.eos_token
     config = loaded.config
     config.pad_token_id = tokenizer.pad_token_id
+    if hasattr(config, "quantization_config"):  # GgufConfig: a saved copy would refuse BitsAndBytesConfig (QLoRA)
+        del config.quantization_config
     with torch.device("meta"), whole_on_this_process():
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), assign=True)  # a model transformers will save (gguf-loaded ones not)
