@@ -15,6 +15,9 @@ import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
+# The tiny-llama adapters shipped in adapters_prebuilt/ until the real-base ones replaced them: fast example adapters
+# (detox, instruct, sql) for tests that need some valid adapter of a task, not the shipped one.
+TINY_ADAPTERS = PROJECT_ROOT / "tests" / "fixtures" / "tiny_llama_adapters"
 # Bases built by the suite are cached here between local runs (CI starts from a clean clone).
 # pyproject.toml's [project.scripts] (read as text: tomllib is Python 3.11+, the package supports 3.10)
 SCRIPTS = dict(

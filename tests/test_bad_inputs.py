@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from conftest import PROJECT_ROOT, run_entry
+from conftest import TINY_ADAPTERS, run_entry
 
 from distributed_peft.training.checkpoints import MARKER, TRAINER_STATE, _manifest
 
@@ -83,7 +83,7 @@ def test_bad_input_is_one_line_nonzero_exit_and_no_partial_output(
         (other / TRAINER_STATE).write_text(json.dumps({"step": 4, "run": run}))
         (other / MARKER).write_text(json.dumps({"step": 4, "files": _manifest(other)}))
     if name == "mismatched_base":
-        copy = shutil.copytree(PROJECT_ROOT / "adapters_prebuilt" / "sql", tmp_path / "mismatched")
+        copy = shutil.copytree(TINY_ADAPTERS / "sql", tmp_path / "mismatched")
         metadata = json.loads((copy / "dpeft_adapter.json").read_text())
         metadata["base"].update(family="bloom", fingerprint="0" * 64)  # trained on another architecture
         (copy / "dpeft_adapter.json").write_text(json.dumps(metadata))

@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT, compose_config, patch_everywhere, run_entry
+from conftest import PROJECT_ROOT, TINY_ADAPTERS, compose_config, patch_everywhere, run_entry
 
-from distributed_peft.constants import PREBUILT_DIR
 from distributed_peft.runtime.output_dirs import OWNER_MARKER
 
 BIN = Path(sys.executable).parent
@@ -58,7 +57,7 @@ def _edit_metadata(directory: Path) -> None:
     (directory / "dpeft_adapter.json").write_text(json.dumps(metadata))
 
 
-BROKEN_ADAPTERS = {  # name -> (how the copy of adapters_prebuilt/detox is broken, what the one line says)
+BROKEN_ADAPTERS = {  # name -> (how the copy of the tiny detox adapter is broken, what the one line says)
     "weights_missing": (lambda d: (d / WEIGHTS).unlink(), "adapter_model.safetensors missing"),
     "weights_truncated": (lambda d: (d / WEIGHTS).write_bytes((d / WEIGHTS).read_bytes()[:1000]), "is truncated"),
     "weights_cut_short": (lambda d: (d / WEIGHTS).write_bytes((d / WEIGHTS).read_bytes()[:-10]), "is truncated"),
@@ -72,7 +71,7 @@ BROKEN_ADAPTERS = {  # name -> (how the copy of adapters_prebuilt/detox is broke
 
 
 def broken_adapter(tmp_path: Path, name: str) -> Path:
-    directory = shutil.copytree(PREBUILT_DIR / "detox", tmp_path / f"adapter-{name}")
+    directory = shutil.copytree(TINY_ADAPTERS / "detox", tmp_path / f"adapter-{name}")
     BROKEN_ADAPTERS[name][0](directory)
     return directory
 
@@ -116,7 +115,7 @@ def test_the_explorer_lists_a_broken_adapter_as_unavailable_and_keeps_the_others
     from distributed_peft.serving.explorer import describe_adapters
 
     broken = broken_adapter(tmp_path, "weights_truncated")
-    good = PREBUILT_DIR / "sql"
+    good = TINY_ADAPTERS / "sql"
     cfg = check_overrides([f"adapters=[{good},{broken}]", "examples_per_task=1"], "explore", validate_explore)
     adapters, _, _ = describe_adapters([str(good), str(broken)], cfg)
     by_directory = {Path(a.directory): a for a in adapters}
@@ -140,10 +139,10 @@ def test_merge_refuses_a_checkout_a_home_or_a_run_directory_touching_nothing(tmp
     (home / ".bashrc").write_text("export PATH\n")
     (home / "notes.txt").write_text("mine\n")
     run = tmp_path / "run"  # a training run of ours: replacing it would delete its adapter
-    shutil.copytree(PREBUILT_DIR / "detox", run / "adapter")
+    shutil.copytree(TINY_ADAPTERS / "detox", run / "adapter")
     (run / "config.yaml").write_text("task: {}\n")
     (run / OWNER_MARKER).write_text("{}\n")
-    adapter = f"adapter={PREBUILT_DIR / 'detox'}"
+    adapter = f"adapter={TINY_ADAPTERS / 'detox'}"
     cases = [
         (checkout, [adapter, "output=."], "output='.' holds files distributed-peft did not write (.git, "),
         (tmp_path, [adapter, f"output={home}"], "holds files distributed-peft did not write (.bashrc, notes.txt)"),
@@ -164,7 +163,7 @@ def test_merge_writes_a_marked_model_atomically_and_a_failed_merge_removes_only_
 ):
     import distributed_peft.adapters.storage as adapters
 
-    detox = PREBUILT_DIR / "detox"
+    detox = TINY_ADAPTERS / "detox"
     merged = adapters.merge_adapter(detox, tmp_path / "models" / "detox")
     names = {p.name for p in merged.iterdir()}
     assert {"config.json", "model.safetensors", adapters.MERGED_METADATA, OWNER_MARKER} <= names
@@ -194,7 +193,7 @@ def test_reproduce_refuses_unknown_keys_and_directories_that_are_not_prebuilt(tm
     adapter_only = tmp_path / "adapter-only"
     adapter_only.mkdir()
     for name in (WEIGHTS, "adapter_config.json", "dpeft_adapter.json"):
-        shutil.copy2(PREBUILT_DIR / "detox" / name, adapter_only / name)
+        shutil.copy2(TINY_ADAPTERS / "detox" / name, adapter_only / name)
     (tmp_path / "mine.txt").write_text("the user's file\n")
     out = f"output_dir={tmp_path}/out"
     cases = [
@@ -205,7 +204,7 @@ def test_reproduce_refuses_unknown_keys_and_directories_that_are_not_prebuilt(tm
         (["task=detox", "task.data.path=x.jsonl", out], "task.* overrides are not used"),
         ([f"prebuilt={adapter_only}", out], "is not a prebuilt adapter: config.yaml, metrics.json missing"),
         ([f"prebuilt={tmp_path}/nowhere", out], "is not a directory"),
-        (["task=detox", f"prebuilt={PREBUILT_DIR / 'detox'}", out], "both name what to reproduce"),
+        (["task=detox", f"prebuilt={TINY_ADAPTERS / 'detox'}", out], "both name what to reproduce"),
         (
             ["task=detox", f"output_dir={tmp_path}"],
             "holds files distributed-peft did not write (adapter-only, mine.txt",
@@ -232,7 +231,7 @@ def test_reproduce_under_sigterm_exits_75_with_one_line(when, tmp_path, bases):
     out = tmp_path / "out"
     stdout = (tmp_path / "stdout.txt").open("w+")
     proc = subprocess.Popen(
-        [str(BIN / "dpeft-reproduce"), "task=detox", f"output_dir={out}"],
+        [str(BIN / "dpeft-reproduce"), f"prebuilt={TINY_ADAPTERS / 'detox'}", f"output_dir={out}"],
         stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,

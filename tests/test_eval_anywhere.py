@@ -7,11 +7,11 @@ import shutil
 import sys
 
 import pytest
-from conftest import PROJECT_ROOT, run_entry
+from conftest import TINY_ADAPTERS, run_entry
 
 from distributed_peft.cli import evaluate
 
-DETOX = PROJECT_ROOT / "adapters_prebuilt" / "detox"
+DETOX = TINY_ADAPTERS / "detox"
 QUICK = ["evaluation.max_generate_examples=4", "evaluation.max_new_tokens=8", "evaluation.show_examples=2"]
 
 

@@ -17,9 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT, compose_config
+from conftest import PROJECT_ROOT, TINY_ADAPTERS, compose_config
 
-from distributed_peft.constants import PREBUILT_DIR
 
 BIN = Path(sys.executable).parent
 ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"
@@ -76,16 +75,16 @@ def test_bad_explore_config_is_one_line_and_exit_2_before_loading(tmp_path):
 
 @pytest.fixture(scope="module")
 def explorer_url(tmp_path_factory):
-    """dpeft-explore serving the three prebuilt adapters and a broken one, on a free loopback port."""
+    """dpeft-explore serving the three tiny example adapters and a broken one, on a free loopback port."""
     from distributed_peft.modeling.embedded_base import build_base
 
     build_base(compose_config(["model=tiny-llama"]).model)  # cached in the suite's DPEFT_HOME
     broken = tmp_path_factory.mktemp("broken") / "detox-truncated"
-    shutil.copytree(PREBUILT_DIR / "detox", broken)
+    shutil.copytree(TINY_ADAPTERS / "detox", broken)
     weights = broken / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     port = free_port()
-    adapters = [PREBUILT_DIR / task for task in ("sql", "detox", "instruct")] + [broken]
+    adapters = [TINY_ADAPTERS / task for task in ("sql", "detox", "instruct")] + [broken]
     cmd = [str(BIN / "dpeft-explore"), f"adapters=[{','.join(map(str, adapters))}]", f"port={port}"]
     log = (tmp_path_factory.mktemp("explore") / "server.log").open("w+")
     cmd += [f"max_new_tokens={TOKENS}"]
@@ -246,7 +245,7 @@ def test_page_in_chromium_shows_base_and_adapter_like_dpeft_generate(explorer_ur
     assert adapter.upper().startswith("SELECT") and adapter != base
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "explorer.png"))
-    assert adapter == dpeft_generate(PREBUILT_DIR / "sql", fields)
+    assert adapter == dpeft_generate(TINY_ADAPTERS / "sql", fields)
 
     question = browser.find_element(By.CSS_SELECTOR, "#field-1 textarea")
     question.send_keys(Keys.CONTROL, "a")

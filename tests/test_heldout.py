@@ -8,9 +8,8 @@ import shutil
 
 import pytest
 import sacrebleu
-from conftest import compose_config, run_entry
+from conftest import TINY_ADAPTERS, compose_config, run_entry
 
-from distributed_peft.constants import PREBUILT_DIR
 from distributed_peft.data.files import column_names
 from distributed_peft.evaluation import heldout
 from distributed_peft.evaluation.heldout import (
@@ -23,7 +22,7 @@ from distributed_peft.evaluation.heldout import (
 )
 from distributed_peft.evaluation.metrics import contains_toxic_word
 
-DETOX = PREBUILT_DIR / "detox"
+DETOX = TINY_ADAPTERS / "detox"
 # Two references each; three of five inputs hold a listed word (a capitalised one, the phrase "shut up", "stupid,")
 ROWS = [
     (
@@ -108,7 +107,7 @@ def test_report_files_and_card_for_an_adapter(tmp_path, monkeypatch, bases):
 
 
 def test_sql_has_no_heldout_report_in_export():
-    assert write_heldout_report(PREBUILT_DIR / "sql", skip_without_heldout=True) is None
+    assert write_heldout_report(TINY_ADAPTERS / "sql", skip_without_heldout=True) is None
 
 
 @pytest.mark.parametrize(
@@ -124,7 +123,7 @@ def test_sql_has_no_heldout_report_in_export():
 def test_dpeft_eval_heldout_mistakes_are_one_line(argv, expected, tmp_path, monkeypatch):
     monkeypatch.setattr(heldout, "HELDOUT_DIR", tmp_path / "absent")
     monkeypatch.chdir(tmp_path)
-    argv = [a.format(tmp=tmp_path, sql=PREBUILT_DIR / "sql", detox=DETOX) for a in argv]
+    argv = [a.format(tmp=tmp_path, sql=TINY_ADAPTERS / "sql", detox=DETOX) for a in argv]
 
     code, lines = run_entry(monkeypatch, "dpeft-eval", argv)
 

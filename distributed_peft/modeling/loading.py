@@ -60,7 +60,9 @@ def resolve_base(model_cfg: DictConfig) -> tuple[str, BaseIdentity]:
         directory, source = build_gguf_base(model_cfg)
         fingerprint = base_metadata(directory)["fingerprint"]
         path = model_cfg.name_or_path  # the original's Hub id: what a card names, never this machine's cache path
-        return str(directory), BaseIdentity(model_cfg.name, model_cfg.family, path, fingerprint, weights="gguf", gguf=source)
+        return str(directory), BaseIdentity(
+            model_cfg.name, model_cfg.family, path, fingerprint, weights="gguf", gguf=source
+        )
     if model_cfg.embedded:
         from distributed_peft.modeling.embedded_base import base_metadata, build_base, recipe_digest
 
