@@ -68,8 +68,8 @@ class Job:
     overrides: tuple[str, ...] = ()
 
 
-def cpu_jobs(variants: list[str]) -> list[Job]:
-    return [Job(v, v) for v in variants]
+def cpu_jobs(variants: list[str], model: str = CPU_MODEL) -> list[Job]:
+    return [Job(v, v, model) for v in variants]
 
 
 def gpu_jobs(variants: list[str], models: list[str], installed: set[str]) -> tuple[list[Job], list[str]]:
@@ -209,7 +209,9 @@ def child(job: Job, task: str, examples: int, result_file: Path) -> None:
     result_file.write_text(json.dumps(result))
 
 
-def summarize(runs: list[dict[str, Any]], task: str, model: str = CPU_MODEL) -> tuple[list[dict[str, Any]], str]:
+def summarize(
+    runs: list[dict[str, Any]], task: str, model: str = CPU_MODEL, random_weights: bool = False
+) -> tuple[list[dict[str, Any]], str]:
     """One table: per row (variant label) the medians over its repeats, and ratios to that model's baseline."""
     mine = [r for r in runs if r["task"] == task and r.get("model", CPU_MODEL) == model]
     memory = "peak_gpu_mb" if all("peak_gpu_mb" in r for r in mine) else "peak_rss_mb"
@@ -222,7 +224,7 @@ def summarize(runs: list[dict[str, Any]], task: str, model: str = CPU_MODEL) -> 
                      memory: statistics.median(r[memory] for r in same),
                      "eval_loss": statistics.median(r["eval_loss"] for r in same), "runs": len(same)})  # fmt: skip
     base = next(r for r in rows if r["variant"] == BASELINE)
-    title = f"## {task}" if model == CPU_MODEL else f"## {task}: {model}, random weights"
+    title = f"## {task}: {model}, random weights" if random_weights else f"## {task}"
     unit = "peak GPU MB" if memory == "peak_gpu_mb" else "peak RSS MB"
     lines = [title, "", f"| variant | non-pad tok/s median (range) | vs baseline | padding waste | {unit} | "
              "eval loss (vs baseline) |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -278,7 +280,7 @@ def run_tables(
 def plan(cfg: DictConfig, cuda: bool, installed: set[str]) -> tuple[list[Job], list[str]]:
     """Every row to run (the CPU table's, then with CUDA the GPU tables'), and the lines saying what is left out."""
     variants = [BASELINE, *[v for v in cfg.variants if v != BASELINE]]
-    jobs = cpu_jobs(variants)
+    jobs = cpu_jobs(variants, cfg.model.name)
     if not cfg.gpu_models:
         return jobs, []
     if not cuda:
@@ -311,13 +313,14 @@ def run_benchmark(cfg: DictConfig) -> tuple[dict[str, Any], list[str]]:
     report = {"setup": OmegaConf.to_container(cfg, resolve=True), "runs": runs, "tables": {}, "gpu_tables": {},
               "skipped": skipped}  # fmt: skip
     markdown = ["# dpeft-bench: QLoRA, one epoch, non-pad tokens/s", ""]
+    cpu_model = cfg.model.name
     for task in cfg.tasks:
-        rows, table = summarize(runs, task)
+        rows, table = summarize(runs, task, cpu_model)
         report["tables"][task] = rows
-        markdown += [f"{table.splitlines()[0]} ({CPU_MODEL})", *table.splitlines()[1:], ""]
-    for model in dict.fromkeys(job.model for job in jobs if job.model != CPU_MODEL):
+        markdown += [f"{table.splitlines()[0]} ({cpu_model})", *table.splitlines()[1:], ""]
+    for model in dict.fromkeys(job.model for job in jobs if job.model != cpu_model):
         for task in cfg.tasks:
-            rows, table = summarize(runs, task, model)
+            rows, table = summarize(runs, task, model, random_weights=True)
             report["gpu_tables"][f"{task}/{model}"] = rows
             markdown += [table, ""]
     markdown += [f"- {line}" for line in skipped]

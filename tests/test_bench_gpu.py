@@ -15,7 +15,8 @@ BLOOM = ("model=bloom-1b1", "model.weights=random")
 
 
 def bench_cfg(**values):
-    return OmegaConf.create({"variants": ALL, "gpu_models": ["llama-3.2-1b", "bloom-1b1"], **values})
+    defaults = {"variants": ALL, "gpu_models": ["llama-3.2-1b", "bloom-1b1"], "model": {"name": "tiny-llama"}}
+    return OmegaConf.create({**defaults, **values})
 
 
 def test_with_cuda_each_model_runs_every_variant_and_ours_with_each_kernel_its_family_supports():
@@ -37,6 +38,14 @@ def test_without_cuda_the_gpu_table_is_one_line_and_missing_kernels_are_named():
     assert jobs == [Job("trl_padded", "trl_padded"), Job("ours_padding_free", "ours_padding_free")]
     assert skipped == ["GPU table skipped: no CUDA device (llama-3.2-1b, bloom-1b1 with random weights need one)"]
     assert plan(bench_cfg(gpu_models=[]), cuda=True, installed=set())[1] == []
+
+    jobs, _ = plan(
+        bench_cfg(variants=["ours_padding_free"], model={"name": "smollm2-135m"}), cuda=False, installed=set()
+    )
+    assert jobs == [
+        Job("trl_padded", "trl_padded", "smollm2-135m"),
+        Job("ours_padding_free", "ours_padding_free", "smollm2-135m"),
+    ]  # dpeft-bench model=smollm2-135m: the CPU table on the real base
 
     jobs, skipped = plan(bench_cfg(variants=["ours_padding_free"], gpu_models=["llama-3.2-1b"]), True, set())
     assert [j.label for j in jobs if j.model == "llama-3.2-1b"] == ["trl_padded", "ours_padding_free"]
@@ -62,7 +71,7 @@ def test_a_gpu_table_takes_its_own_models_baseline_and_device_memory():
     runs = [run("trl_padded", "tiny-llama", 100.0), run("ours_padding_free", "tiny-llama", 300.0),
             run("trl_padded", "llama-3.2-1b", 1000.0, 5000.0), run("ours_padding_free", "llama-3.2-1b", 1500.0, 4000.0),
             run("ours_padding_free+liger", "llama-3.2-1b", 2000.0, 3000.0)]  # fmt: skip
-    rows, table = summarize(runs, "sql", "llama-3.2-1b")
+    rows, table = summarize(runs, "sql", "llama-3.2-1b", random_weights=True)
     by = {r["variant"]: r for r in rows}
     assert list(by) == ["trl_padded", "ours_padding_free", "ours_padding_free+liger"]
     assert by["ours_padding_free+liger"]["ratio"] == pytest.approx(2.0) and by["ours_padding_free"]["ratio"] == 1.5

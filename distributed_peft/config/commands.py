@@ -95,6 +95,7 @@ class BenchConfig:
 
     tables: list[str] = field(default_factory=BenchTable.values)  # packing, joint
     tasks: list[str] = field(default_factory=lambda: ["detox", "instruct"])  # the packing table's
+    model: ModelConfig = field(default_factory=ModelConfig)  # the packing table's base: model=tiny-llama|smollm2-135m
     repeats: int = 3  # every variant, interleaved with the others (both tables)
     examples: int = 400  # per task, train + validation
     variants: list[str] = field(default_factory=BenchVariant.values)  # trl_padded always runs
@@ -133,6 +134,8 @@ def validate_bench(cfg: DictConfig) -> None:
     for variant in cfg.variants:
         if variant not in BenchVariant.values():
             problems.append(f"variants: {variant!r} is not a variant; allowed: {', '.join(BenchVariant.values())}")
+    if cfg.model.weights == "random":
+        problems.append("model.weights='random' is invalid for dpeft-bench's CPU table; allowed: pretrained")
     for model in cfg.gpu_models:
         if model not in bundled_hub_configs():
             problems.append(

