@@ -4,8 +4,9 @@ One module per config group (and `tasks`: several task adapters in one job), eac
 values of its keys (`Choice` enums) and its checks:
 task, model, peft, distributed, training, logging, evaluation; the root `Config` and `validate` (root), the commands
 that do not train (commands), the ConfigStore and saved configs (store), and the shared problem collection (checks).
-Nothing here imports torch or reads a data file: a bad value is reported in a fraction of a second, before any model
-loads; the layers above add their own checks to the same report (`validate(cfg, checks=...)`).
+Nothing here imports torch or reads a data file (gguf: a GGUF checkpoint's header, never its weights): a bad value is
+reported in a fraction of a second, before any model loads; the layers above add their own checks to the same report
+(`validate(cfg, checks=...)`).
 
 Imports: errors, runtime.
 """
