@@ -41,7 +41,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The longest files first (seconds on 2 cores, one process), so the two workers end together: the scheduler hands out
 # whole files in collection order.
 LONGEST_FILES = ["test_real_base.py", "test_distributed.py", "test_resume.py", "test_train_e2e.py", "test_adapters.py",
-                 "test_package.py", "test_cluster_engines.py", "test_cli.py", "test_explorer.py", "test_benchmark.py"]  # fmt: skip
+                 "test_package.py", "test_cluster_engines.py", "test_cli.py", "test_explorer.py",
+                 "test_benchmark.py"]  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):

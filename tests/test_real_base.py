@@ -132,9 +132,7 @@ def test_zero3_on_two_processes_saves_a_complete_adapter_of_the_real_base(real_b
     tensor has its full shape and B is not zero."""
     out = tmp_path / "zero3"
     cmd = [str(BIN / "dpeft-launch"), *RUN, "distributed=zero3", "num_gpu_workers=2", "main_process_port=29671"]
-    proc = subprocess.run(
-        [*cmd, f"output_dir={out}"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900
-    )
+    proc = subprocess.run([*cmd, f"output_dir={out}"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert len(tensors) == 2 * 7 * 30
