@@ -98,3 +98,13 @@ def test_corpus_scores():
         [{"context": SCHEMA}, {"context": SCHEMA}],
     )
     assert sql == {"exact_match": 50.0, "execution_accuracy": 50.0}
+
+
+def test_repeat_share_counts_outputs_that_loop_on_a_word_or_a_piece_of_one():
+    from distributed_peft.evaluation.metrics import repeats_a_piece, score
+
+    looping = ["good good good good", "miamiamiamia", "you are you are you are you are", "no no no no way"]
+    fine = ["good good good", "hahaha", "wait....", "I am fine", "that was a bad bad idea", ""]
+    assert [repeats_a_piece(t) for t in looping] == [True] * 4
+    assert [repeats_a_piece(t) for t in fine] == [False] * 6
+    assert score("repeat_share", looping[:1] + fine[:3], [["x"]] * 4, [{}] * 4) == 25.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 COUNT_METRICS = {"tokens", "generated_examples"}  # how much was evaluated, not how well
-LOWER_IS_BETTER = {"toxic_share", "loss"}
+LOWER_IS_BETTER = {"toxic_share", "repeat_share", "loss"}
 
 
 def better(metric: str) -> str:

@@ -42,6 +42,7 @@ class TaskMetric(Choice):
     CHRF = "chrf"
     ROUGE_L = "rouge_l"
     TOXIC_SHARE = "toxic_share"
+    REPEAT_SHARE = "repeat_share"  # outputs that repeat a word or a piece of one more than three times in a row
 
 
 @dataclass

@@ -166,6 +166,8 @@ def heldout_task(task: DictConfig, rows_file: Path) -> DictConfig:
         fraction=1.0,
         max_examples=None,
     )
+    if "repeat_share" not in held.metrics:  # real text shows looping rewrites: every held-out table counts them
+        held.metrics.append("repeat_share")
     return held
 
 

@@ -1,6 +1,6 @@
 """Task metrics over generated completions: SQL exact match and execution accuracy, BLEU, chrF, ROUGE-L and the
-share of outputs that still contain a toxic word. Every metric is a number in [0, 100] (higher is better) except
-`toxic_share` (lower is better)."""
+share of outputs that still contain a toxic word or that loop on a word. Every metric is a number in [0, 100] (higher
+is better) except `toxic_share` and `repeat_share` (lower is better)."""
 
 from __future__ import annotations
 
@@ -75,6 +75,17 @@ def contains_toxic_word(text: str) -> bool:
     return any(w in vocabulary for w in words) or any(" " in p and p in " ".join(words) for p in vocabulary)
 
 
+# a piece of text (a word, several, or part of one) that comes 4 or more times in a row: "good good good good",
+# "miamiamiamia"; a piece must hold a letter or digit, so "...." and runs of spaces are not counted
+REPEATED_PIECE = re.compile(r"(.{1,24}?)\1{3,}", re.DOTALL)
+
+
+def repeats_a_piece(text: str) -> bool:
+    """Whether `text` repeats a word or a piece of one more than three times in a row (a looping generation)."""
+    spaced = f"{text} "  # so that a word's last repeat, at the end of the text, ends in a space like the others
+    return any(re.search(r"\w", match.group(1)) for match in REPEATED_PIECE.finditer(spaced))
+
+
 def score(
     metric: str, predictions: Sequence[str], references: Sequence[Sequence[str]], records: Sequence[dict]
 ) -> float:
@@ -99,6 +110,8 @@ def score(
         return 100 * hits / n
     if metric == "toxic_share":
         return 100 * sum(contains_toxic_word(p) for p in predictions) / n
+    if metric == "repeat_share":
+        return 100 * sum(repeats_a_piece(p) for p in predictions) / n
     raise ValueError(f"unknown metric {metric!r}")
 
 

@@ -36,6 +36,7 @@ TOLERANCES = {
     "chrf": 5.0,
     "rouge_l": 5.0,
     "toxic_share": 5.0,
+    "repeat_share": 5.0,
     "exact_match": 5.0,
     "execution_accuracy": 5.0,
 }
