@@ -1,5 +1,5 @@
 """One base, many adapters: generation switches adapters exactly, wrong bases are refused, merges are exact,
-a user's own data trains with no code, and the shipped adapters reproduce."""
+a user's own data trains with no code, the shipped adapters are complete, and a prebuilt adapter reproduces."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROJECT_ROOT, compose_config
+from conftest import PROJECT_ROOT, TINY_ADAPTERS, compose_config
 
 from distributed_peft.adapters.storage import load_base_with_adapters, merge_adapter
-from distributed_peft.constants import PREBUILT_DIR
+from distributed_peft.constants import ADAPTER_METADATA, PREBUILT_DIR
 from distributed_peft.errors import AdapterError
 from distributed_peft.evaluation.generation import generate_with_adapters
+from distributed_peft.evaluation.heldout import HELDOUT_SETS, REPORT_FILES
 from distributed_peft.training.recipe import run_training
 
 QUICK = [
@@ -172,16 +173,26 @@ def test_users_own_jsonl_trains_and_evaluates_with_no_code(tmp_path, bases):
     assert "| chrf |" in (out / "eval.md").read_text()
 
 
-def test_prebuilt_adapters_are_complete_and_small():
-    tasks = sorted(p.name for p in PREBUILT_DIR.iterdir() if p.is_dir())
+ADAPTER_SETS = {  # (directory, the base its adapters record, the most MiB one task's directory may take)
+    "shipped": (PREBUILT_DIR, "smollm2-135m", 10),
+    "tiny-fixtures": (TINY_ADAPTERS, "tiny-llama", 5),
+}
+
+
+@pytest.mark.parametrize("which", list(ADAPTER_SETS))
+def test_prebuilt_adapters_are_complete_and_small(which):
+    root, base, limit_mib = ADAPTER_SETS[which]
+    tasks = sorted(p.name for p in root.iterdir() if p.is_dir())
     assert tasks == ["detox", "instruct", "sql"]
     for task in tasks:
-        directory = PREBUILT_DIR / task
-        for name in ("adapter_model.safetensors", "adapter_config.json", "config.yaml", "metrics.json", "README.md"):
+        directory = root / task
+        files = ["adapter_model.safetensors", "adapter_config.json", ADAPTER_METADATA, "config.yaml", "metrics.json"]
+        files += ["README.md", *(REPORT_FILES if task in HELDOUT_SETS else ())]
+        for name in files:
             assert (directory / name).is_file(), f"{task}: {name} missing"
-        assert sum(f.stat().st_size for f in directory.iterdir()) < 5 * 2**20
-        metadata = json.loads((directory / "dpeft_adapter.json").read_text())
-        assert metadata["base"]["name"] == "tiny-llama" and len(metadata["base"]["fingerprint"]) == 64
+        assert sum(f.stat().st_size for f in directory.iterdir()) < limit_mib * 2**20
+        metadata = json.loads((directory / ADAPTER_METADATA).read_text())
+        assert metadata["base"]["name"] == base and len(metadata["base"]["fingerprint"]) == 64
         assert metadata["base"]["fingerprint"] in (directory / "README.md").read_text()
         metrics = json.loads((directory / "metrics.json").read_text())
         assert metrics["adapter"]["loss"] < metrics["base"]["loss"]
@@ -189,8 +200,10 @@ def test_prebuilt_adapters_are_complete_and_small():
 
 @pytest.mark.slow
 def test_reproduce_detox_passes(tmp_path, bases):
+    """dpeft-reproduce retrains the tiny detox adapter from its recorded config (900 steps) within tolerance."""
+    prebuilt = TINY_ADAPTERS / "detox"
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "dpeft-reproduce"), "task=detox", f"output_dir={tmp_path}"],
+        [str(Path(sys.executable).parent / "dpeft-reproduce"), f"prebuilt={prebuilt}", f"output_dir={tmp_path}"],
         capture_output=True,
         text=True,
         cwd=PROJECT_ROOT,

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT_ROOT, TINY_ADAPTERS, compose_config
 
-
 BIN = Path(sys.executable).parent
 ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"
 TOKENS = 24  # enough for the tiny adapters' answers, short enough to keep the module under a minute of generation

@@ -224,7 +224,9 @@ def ask(explorer, payload: dict, max_new_tokens: int = TOKENS) -> dict:
 
 def test_generate_and_the_explorer_honour_the_instruct_input(monkeypatch, capsys, explorer):
     out = generate_cli(
-        monkeypatch, capsys, [f"adapters=[{TINY_ADAPTERS / 'instruct'}]", "prompt=Sum the numbers", "+inputs.input=1, 2"]
+        monkeypatch,
+        capsys,
+        [f"adapters=[{TINY_ADAPTERS / 'instruct'}]", "prompt=Sum the numbers", "+inputs.input=1, 2"],
     )
     assert "<Instruction>: Sum the numbers\n<Input>: 1, 2\n<Response>:" in out
     without_plus = generate_cli(
@@ -315,7 +317,9 @@ def test_empty_and_over_context_prompts_get_the_same_refusal_from_generate_and_t
     cases = [("instruct", "   ", 400), ("detox", LONG, 413)]
     for task, prompt, status in cases:
         code, lines = run_entry(
-            monkeypatch, "dpeft-generate", [f"adapters=[{TINY_ADAPTERS / task}]", f"prompt={prompt}", "max_new_tokens=8"]
+            monkeypatch,
+            "dpeft-generate",
+            [f"adapters=[{TINY_ADAPTERS / task}]", f"prompt={prompt}", "max_new_tokens=8"],
         )
         assert code == 2 and len(lines) == 1 and lines[0].startswith("dpeft-generate: error: the prompt is "), lines
         with pytest.raises(RequestError) as refused:
@@ -329,7 +333,9 @@ def test_empty_and_over_context_prompts_get_the_same_refusal_from_generate_and_t
 def test_config_syntax_in_a_prompt_or_a_data_value_is_text(monkeypatch, capsys, explorer, tmp_path):
     home = "${oc.env:HOME}"
     out = generate_cli(
-        monkeypatch, capsys, [f"adapters=[{TINY_ADAPTERS / 'instruct'}]", f"prompt=be {home} {{x", "+inputs.input=a}b ${x"]
+        monkeypatch,
+        capsys,
+        [f"adapters=[{TINY_ADAPTERS / 'instruct'}]", f"prompt=be {home} {{x", "+inputs.input=a}b ${x"],
     )
     assert f"<Instruction>: be {home} {{x\n<Input>: a}}b ${{x\n<Response>:" in out
     answer = ask(explorer, {"task": "instruct", "prompt": f"be {home} {{x", "inputs": {"input": "{input}"}})
