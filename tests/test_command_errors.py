@@ -392,3 +392,25 @@ def test_an_unwritable_or_full_cache_is_refused_before_pretraining(problem, tmp_
     reason = {"under_a_file": "cannot be written (Not a directory)", "read_only": "(Read-only file system)"}
     assert reason.get(problem, "has 3 MiB free, building base tiny-llama needs") in lines[0], lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_an_error_omegaconf_re_raises_with_its_key_is_still_printed_as_one_line(capsys):
+    """SIGTERM's Preempted raised while OmegaConf code runs comes back as a new Preempted whose message has
+    `full_key: ...` lines appended (the SIGTERM test of dpeft-reproduce met it); the original line is printed."""
+    from omegaconf import OmegaConf
+    from omegaconf._utils import format_and_raise
+
+    from distributed_peft.cli.help import report_user_error
+    from distributed_peft.errors import Preempted
+
+    cfg = OmegaConf.create({"training": {"max_steps": 3}})
+    with pytest.raises(Preempted) as raised:
+        try:
+            raise Preempted("stopped by SIGTERM before training started; rerun the same command")
+        except Preempted as cause:
+            format_and_raise(node=cfg, key="training", value=None, msg=str(cause), cause=cause)
+    assert len(str(raised.value).splitlines()) > 1  # what OmegaConf makes of it
+    report_user_error(raised.value, "dpeft-reproduce")
+    assert capsys.readouterr().err == (
+        "dpeft-reproduce: preempted: stopped by SIGTERM before training started; rerun the same command\n"
+    )

@@ -18,8 +18,19 @@ from distributed_peft.data.prompts import literal_overrides
 from distributed_peft.errors import USER_ERROR_EXIT_CODE, ConfigError, DpeftError
 
 
+def undecorated(error: DpeftError) -> DpeftError:
+    """The error as raised: OmegaConf re-raises an exception that arises inside its code (SIGTERM's Preempted while a
+    config is read) as a new one of the same type, its message followed by `full_key: ...` lines; Python keeps the
+    original as the context."""
+    inner = error.__context__
+    while isinstance(inner, type(error)) and inner.problems and "\n".join(error.problems).startswith(inner.problems[0]):
+        error, inner = inner, inner.__context__
+    return error
+
+
 def report_user_error(error: DpeftError, prog: str) -> None:
     """One line per problem on stderr, each naming the command."""
+    error = undecorated(error)
     for problem in error.problems:
         print(f"{prog}: {error.label}: {problem}", file=sys.stderr)
 
