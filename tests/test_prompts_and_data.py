@@ -321,6 +321,7 @@ def test_empty_and_over_context_prompts_get_the_same_refusal_from_generate_and_t
             "dpeft-generate",
             [f"adapters=[{TINY_ADAPTERS / task}]", f"prompt={prompt}", "max_new_tokens=8"],
         )
+        lines = [line for line in lines if "built on another machine" not in line]  # tiny-llama built on another CPU
         assert code == 2 and len(lines) == 1 and lines[0].startswith("dpeft-generate: error: the prompt is "), lines
         with pytest.raises(RequestError) as refused:
             ask(explorer, {"task": task, "prompt": prompt}, max_new_tokens=8)

@@ -159,7 +159,8 @@ def check_base_matches(metadata: dict[str, Any], base: BaseIdentity, allow_misma
     """Refuse an adapter trained on another base (architecture or weights), unless the user insists.
 
     An embedded base is defined by its recipe: the same recipe built on another CPU has other last bits, so another
-    weights fingerprint. Such an adapter is accepted, with a one-line note on stderr. The recipe is the digest the
+    weights fingerprint (a GGUF base by the GGUF file's digest, should its dequantization round differently). Such an
+    adapter is accepted, with a one-line note on stderr. The recipe is the digest the
     adapter recorded when it trained (its settings and the pretraining corpus then); only an adapter from before it
     was recorded has it recomputed from its config, over today's corpus.
     """
@@ -176,8 +177,9 @@ def check_base_matches(metadata: dict[str, Any], base: BaseIdentity, allow_misma
             and (recorded.get("recipe") or recorded_recipe(metadata)) == base.recipe
         )
         if same_recipe:
+            kind = "base" if base.weights == "gguf" else "embedded base"  # a GGUF: the same file, converted elsewhere
             note = (
-                f"note: adapter {metadata.get('task', '?')} was trained on embedded base {base.name} built on another "
+                f"note: adapter {metadata.get('task', '?')} was trained on {kind} {base.name} built on another "
                 f"machine (weights fingerprint {recorded['fingerprint'][:8]}... != {base.fingerprint[:8]}...); "
                 f"same recipe {base.recipe}, loading it"
             )
