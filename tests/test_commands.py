@@ -115,7 +115,9 @@ def test_the_installed_scripts_answer_the_same(tmp_path):
         timeout=60,
     )
     assert bench.returncode == 0, bench.stderr[-2000:]
-    assert yaml.safe_load(bench.stdout) | {"variants": None} == {
+    printed = yaml.safe_load(bench.stdout)
+    assert printed.pop("model")["name"] == "tiny-llama"  # the packing table's base (model=smollm2-135m: the real one)
+    assert printed | {"variants": None} == {
         "tables": ["packing", "joint"],
         "tasks": ["sql"],
         "repeats": 1,
@@ -125,3 +127,17 @@ def test_the_installed_scripts_answer_the_same(tmp_path):
         "joint": {"tasks": ["sql", "detox", "instruct"], "max_steps": 20},
         "output_dir": "runs/bench",
     }
+
+
+def test_cfg_job_after_the_overrides_prints_the_config_they_compose(monkeypatch, capsys, tmp_path):
+    """`dpeft-train task=sql training.lr=1e-4 --cfg job` (the README's order) as well as with --cfg first."""
+    (tmp_path / "task").mkdir()  # a user's config directory
+    for argv in (
+        ["task=sql", "training.lr=1e-4", "--cfg", "job"],
+        ["--cfg", "job", "task=sql", "training.lr=1e-4"],
+        ["--config-dir", str(tmp_path), "task=sql", "--cfg=job", "training.lr=1e-4", "--resolve"],
+    ):
+        code, job, err = call(monkeypatch, capsys, "dpeft-train", argv)
+        assert code == 0, (job, err)
+        cfg = yaml.safe_load(job)
+        assert (cfg["task"]["name"], cfg["training"]["lr"]) == ("sql", 1e-4)

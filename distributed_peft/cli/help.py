@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from distributed_peft.cli.preflight import check_overrides, take_flags
+from distributed_peft.cli.preflight import check_overrides, split_config_flags, take_flags
 from distributed_peft.config import group_options
 from distributed_peft.constants import CONF_DIR, CONF_SEARCH_PATH
 from distributed_peft.data.prompts import literal_overrides
@@ -98,12 +98,23 @@ def print_only(prog: str, config_name: str, argv: list[str]) -> int | None:
         report_user_error(error, prog)
         return USER_ERROR_EXIT_CODE
     saved = sys.argv
-    sys.argv = [prog, *literal_overrides(argv, config_name), help_choice(prog)]  # --cfg all: its own hydra.help
+    sys.argv = [prog, *flags_first(argv, config_name, help_choice(prog))]  # --cfg all: its own hydra.help
     try:
         hydra.main(config_path=CONF_SEARCH_PATH, config_name=config_name, version_base="1.3")(_not_run)()
     finally:
         sys.argv = saved
     return 0
+
+
+def flags_first(argv: list[str], config_name: str, *extra_overrides: str) -> list[str]:
+    """Hydra's command line with every flag before every override: argparse reads no override after a flag that
+    follows one (`dpeft-train task=sql --cfg job`, as the README writes it)."""
+    rest, printing = take_flags(argv, PRINT_FLAG_VALUES, (*HELP_FLAGS, "--resolve"))
+    overrides, config_dirs, name = split_config_flags(rest)
+    flags = [part for flag, value in printing for part in ((flag,) if value is None else (flag, value))]
+    flags += [part for directory in config_dirs for part in ("--config-dir", directory)]
+    flags += ["--config-name", name] if name else []
+    return [*flags, *extra_overrides, *literal_overrides(overrides, config_name)]
 
 
 def _not_run(cfg: DictConfig) -> None:
