@@ -397,13 +397,9 @@ def _build(model_cfg: DictConfig, target: Path) -> Path:
     copied = copy_accuracy(model, tokenizer, base.pretrain_copy_separator, copy_probe_sentences())
     print(f"  copies {copied:.1%} of held-out tokens (teacher-forced, 100 ParaDetox sentences it never saw)")
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
     metadata = {
         "name": model_cfg.name,
         "family": model_cfg.family,
-        "fingerprint": weights_fingerprint(staging),
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": config.vocab_size,
         "pretrain": {
@@ -423,11 +419,26 @@ def _build(model_cfg: DictConfig, target: Path) -> Path:
             "lm_tokens": lm.numel(),
         },
     }
-    (staging / BASE_METADATA).write_text(json.dumps(metadata, indent=2))
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)  # atomic: a half-written base is never found in the cache
+    save_base(target, model, tokenizer, metadata)
     return target
+
+
+def save_base(target: Path, model, tokenizer, metadata: dict) -> dict:
+    """A built base into the cache: model, tokenizer and dpeft_base.json (`metadata`, with the weights' fingerprint
+    unless it names one) written into a staging directory beside `target`, then renamed into place, so that a
+    half-written base is never found in the cache (a failed save leaves no staging directory behind)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        metadata = {"fingerprint": weights_fingerprint(staging), **metadata}
+        (staging / BASE_METADATA).write_text(json.dumps(metadata, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return metadata
 
 
 def base_metadata(directory: str | Path) -> dict:

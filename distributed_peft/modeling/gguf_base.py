@@ -14,10 +14,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
-import json
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from distributed_peft.modeling.embedded_base import (
     CACHE_SLACK_BYTES,
     build_lock,
     dpeft_home,
-    weights_fingerprint,
+    save_base,
     whole_on_this_process,
 )
 
@@ -142,38 +140,28 @@ def _convert(model_cfg: DictConfig, header: GgufHeader, target: Path, source: st
     plain.load_state_dict(loaded.state_dict(), assign=True)  # a model transformers will save (gguf-loaded ones not)
     plain.tie_weights()
     plain.generation_config = loaded.generation_config
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        plain.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        metadata = {
-            "name": model_cfg.name,
-            "family": model_cfg.family,
-            "original": model_cfg.name_or_path,
-            "fingerprint": weights_fingerprint(staging),
-            "parameters": sum(p.numel() for p in plain.parameters()),
-            "vocab_size": config.vocab_size,
-            "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
-            "weights": "gguf",
-            "gguf": {
-                "file": header.path.name,
-                "source": source,
-                "sha256": gguf_sha256(header.path),
-                "bytes": header.path.stat().st_size,
-                "architecture": header.architecture,
-                "context_length": header.context_length,
-                "quantization": header.quantization,
-                "dequantized_to": "float32",
-                "converted_by": f"transformers {importlib.metadata.version('transformers')}",
-            },
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-        (staging / BASE_METADATA).write_text(json.dumps(metadata, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)  # atomic: a half-written base is never found in the cache
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    metadata = {
+        "name": model_cfg.name,
+        "family": model_cfg.family,
+        "original": model_cfg.name_or_path,
+        "parameters": sum(p.numel() for p in plain.parameters()),
+        "vocab_size": config.vocab_size,
+        "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        "weights": "gguf",
+        "gguf": {
+            "file": header.path.name,
+            "source": source,
+            "sha256": gguf_sha256(header.path),
+            "bytes": header.path.stat().st_size,
+            "architecture": header.architecture,
+            "context_length": header.context_length,
+            "quantization": header.quantization,
+            "dequantized_to": "float32",
+            "converted_by": f"transformers {importlib.metadata.version('transformers')}",
+        },
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    metadata = save_base(target, plain, tokenizer, metadata)
     print(
         f"  {metadata['parameters']:,} parameters dequantized to float32 in {metadata['seconds']:.0f} s; "
         f"fingerprint {metadata['fingerprint'][:16]}",

@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from distributed_peft.modeling.embedded_base import (
     build_lock,
     dpeft_home,
     recipe_digest,
+    save_base,
     whole_on_this_process,
 )
 
@@ -131,23 +131,14 @@ def _build(model_cfg: DictConfig, target: Path, tokenizer_dir: Path, digest: str
         torch.manual_seed(model_cfg.init_seed)
         with whole_on_this_process():
             model = AutoModelForCausalLM.from_config(config, dtype=SAVED_DTYPES[model_cfg.torch_dtype])
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        metadata = {
-            "name": model_cfg.name,
-            "family": model_cfg.family,
-            "weights": "random",
-            "fingerprint": f"random:{digest}",
-            "source": bundled_config(model_cfg.name)["source"],
-            "config_overrides": OmegaConf.to_container(model_cfg.config_overrides),
-            "init_seed": model_cfg.init_seed,
-            "parameters": parameters,
-        }
-        (staging / BASE_METADATA).write_text(json.dumps(metadata, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)  # atomic: a half-written base is never found in the cache
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    metadata = {
+        "name": model_cfg.name,
+        "family": model_cfg.family,
+        "weights": "random",
+        "fingerprint": f"random:{digest}",
+        "source": bundled_config(model_cfg.name)["source"],
+        "config_overrides": OmegaConf.to_container(model_cfg.config_overrides),
+        "init_seed": model_cfg.init_seed,
+        "parameters": parameters,
+    }
+    save_base(target, model, tokenizer, metadata)
