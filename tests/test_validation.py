@@ -351,7 +351,7 @@ def test_every_choice_is_refused_in_one_line_naming_the_enum_values(tmp_path):
         "training.packing='tight' is not allowed; allowed: none, group_by_length, padding_free",
         "training.mixed_precision='fp8' is not allowed; allowed: auto, no, bf16, fp16",
         "task.metrics='perplexity' is not allowed; allowed: exact_match, execution_accuracy, bleu, chrf, rouge_l, "
-        "toxic_share",
+        "toxic_share, repeat_share",
     ]
     assert Dtype.values() == ["auto", "float32", "bfloat16", "float16"]
     assert "zero3" in DistributedStrategy.values() and "padding_free" in PackingMode.values()

@@ -38,6 +38,8 @@ QUICK = [
 # measured 1.0e-6 at lr 3e-4 (4.4e-5 at 3e-3), against 1.7e-3 when each micro batch is averaged on its own.
 ADAPTER_TOLERANCE = 1e-5
 EXACT_LR = "training.lr=3e-4"
+# LoRA on every linear but q_proj/k_proj where two updates are compared to 1e-5: see the accumulation test's docstring
+NO_QUERY_KEY = "peft.target_modules=[v_proj,o_proj,gate_proj,up_proj,down_proj]"
 
 
 def write_pairs(path: Path, n: int, seed: int = 0) -> Path:
@@ -111,8 +113,7 @@ def test_micro_2_times_accumulation_4_is_the_update_of_micro_8(packing, tmp_path
     saturated softmax, so those adapters' true gradient is ~0 and what they get is rounding noise, which Adam scales
     to lr-sized moves (measured: layer 0 q_proj.lora_B differed by 7.9e-6 / 1.0e-5; every other tensor <= 8.6e-7).
     """
-    no_query_key = "peft.target_modules=[v_proj,o_proj,gate_proj,up_proj,down_proj]"
-    common = ["training.max_steps=3", f"training.packing={packing}", EXACT_LR, no_query_key]
+    common = ["training.max_steps=3", f"training.packing={packing}", EXACT_LR, NO_QUERY_KEY]
     big = tmp_path / "big"
     run_training(compose_config(quick(tmp_path, big, *common, "training.micro_batch_size=8")))
     small = tmp_path / "accumulated"
@@ -127,12 +128,14 @@ def test_micro_2_times_accumulation_4_is_the_update_of_micro_8(packing, tmp_path
 
 def test_grouped_micro_batches_weigh_tokens_across_the_window(tmp_path, bases):
     """group_by_length batches rows of similar length: 4 such micro batches of 2 make the update of those 8 rows
-    padded together (tokens, not micro batches, are averaged)."""
+    padded together (tokens, not micro batches, are averaged). Not on q/k, as in the accumulation test: with q/k on
+    this AMD machine's build of tiny-llama, layer 0's q/k adapters (rounding-noise gradients, Adam-scaled) differed
+    by 1.7e-5."""
     from distributed_peft.data.task_data import collate_padded
 
     def one_step(windows_of: int) -> dict[str, torch.Tensor]:
         out = tmp_path / f"g{windows_of}"
-        cfg = compose_config(quick(tmp_path, out, "training.packing=group_by_length", EXACT_LR))
+        cfg = compose_config(quick(tmp_path, out, "training.packing=group_by_length", EXACT_LR, NO_QUERY_KEY))
         recipe = FinetuneRecipe(cfg)
         recipe.setup()
         rows = sorted(recipe.runs[0].data.train[:8], key=lambda e: len(e["input_ids"]))
