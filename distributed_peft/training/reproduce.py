@@ -53,7 +53,7 @@ RUN_FILES = {
 }
 
 
-def export_prebuilt(run_dir: Path, destination: Path) -> Path:
+def export_prebuilt(run_dir: Path, destination: Path, heldout_rows: int | None = None) -> Path:
     """Copy a finished run into adapters_prebuilt/<task>: the adapter, its config, metrics, card and plots, and its
     held-out report (heldout.json/.md/.png: the bundled real text it was not trained on, beside the baselines)."""
     from distributed_peft.evaluation.heldout import write_heldout_report
@@ -66,7 +66,8 @@ def export_prebuilt(run_dir: Path, destination: Path) -> Path:
     save_half_precision(run_dir / "adapter" / ADAPTER_WEIGHTS, destination / ADAPTER_WEIGHTS)
     for source, target in RUN_FILES.items():
         shutil.copy2(run_dir / source, destination / target)
-    write_heldout_report(destination, skip_without_heldout=True)  # real text it was not trained on, in its card
+    # real text it was not trained on, in its card (the first `heldout_rows` rows; None: all)
+    write_heldout_report(destination, rows=heldout_rows, skip_without_heldout=True)
     return destination
 
 
