@@ -113,7 +113,8 @@ def _peft_lines(
         f'ADAPTER = "{ADAPTER_PLACEHOLDER}"  # {note}',
         *base_lines,
         "model = PeftModel.from_pretrained(base, ADAPTER).eval()",
-        f"tokenizer = AutoTokenizer.from_pretrained({tokenizer_from})  # the base's, as in training",
+        "# the base's tokenizer, as in training",
+        f"tokenizer = AutoTokenizer.from_pretrained({tokenizer_from})",
     ]
 
 
