@@ -191,7 +191,7 @@ def _check_gguf(model: DictConfig, problems: list[str]) -> None:
             "pretrained base (e.g. model=smollm2-135m)"
         )
         return
-    if problems and any(p.startswith(("model.family", "model.context_length")) for p in problems):
+    if any(p.startswith(("model.family", "model.context_length")) for p in problems):
         return  # the header is checked against a family and a context length that are valid
     try:
         checked_header(model)

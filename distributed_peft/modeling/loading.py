@@ -58,12 +58,12 @@ def resolve_base(model_cfg: DictConfig) -> tuple[str, BaseIdentity]:
         from distributed_peft.modeling.gguf_base import build_gguf_base
 
         directory, source = build_gguf_base(model_cfg)
-        fingerprint = base_metadata(directory)["fingerprint"]
+        metadata = base_metadata(directory)
         path = model_cfg.name_or_path  # the original's Hub id: what a card names, never this machine's cache path
         # the GGUF's content digest is its recipe: the same file dequantized on another CPU is the same base
-        recipe = "gguf-" + base_metadata(directory)["gguf"]["sha256"][:12]
+        recipe = "gguf-" + metadata["gguf"]["sha256"][:12]
         return str(directory), BaseIdentity(
-            model_cfg.name, model_cfg.family, path, fingerprint, recipe, weights="gguf", gguf=source
+            model_cfg.name, model_cfg.family, path, metadata["fingerprint"], recipe, weights="gguf", gguf=source
         )
     if model_cfg.embedded:
         from distributed_peft.modeling.embedded_base import base_metadata, build_base, recipe_digest
