@@ -13,7 +13,8 @@ import pytest
 from conftest import PROJECT_ROOT
 
 BIN = Path(sys.executable).parent
-QUICK = ["training=demo", "training.max_steps=8", "training.eval_steps=4", "training.max_eval_examples=32"]
+QUICK = ["training=demo", "training.max_steps=8", "training.eval_steps=4", "training.max_eval_examples=32",
+         "evaluation.max_generate_examples=8"]  # fmt: skip
 
 
 def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

