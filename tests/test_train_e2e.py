@@ -82,7 +82,8 @@ def test_qlora_adapter_beats_base_saves_complete_and_reloads(task, model, tmp_pa
     assert card["base"]["fingerprint"] == fingerprint
     assert fingerprint in (tmp_path / "README.md").read_text()
 
-    again = [f"adapter={tmp_path / 'adapter'}", f"output_dir={tmp_path / 'reevaluated'}"]
+    reevaluated = f"output_dir={tmp_path / 'reevaluated'}"
+    again = [f"adapter={tmp_path / 'adapter'}", reevaluated, "evaluation.max_generate_examples=16"]
     reloaded = run_evaluation(compose_config(again), again)
     assert reloaded["adapter"]["loss"] == pytest.approx(results["adapter"]["loss"], abs=1e-4)
     assert reloaded["base"]["loss"] == pytest.approx(results["base"]["loss"], abs=1e-4)
