@@ -46,6 +46,7 @@ def test_console_script_trains_and_dpeft_eval_reproduces_it(console_script_run):
     evaluated_dir = out.parent / "evaluated"
     shutil.copytree(out, evaluated_dir)  # the fixture's run stays as trained for the next test
     (evaluated_dir / "eval.json").unlink()
+    # the run's adapter, reports into that run; dpeft-eval chooses its own evaluation settings (default 64 generations)
     proc = run([str(BIN / "dpeft-eval"), f"output_dir={evaluated_dir}", "evaluation.max_generate_examples=8"])
     assert f"reports: {evaluated_dir / 'eval.md'}" in proc.stdout
     evaluated = json.loads((evaluated_dir / "eval.json").read_text())

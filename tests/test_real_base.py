@@ -62,7 +62,8 @@ def real_base() -> Path:
 @pytest.fixture(scope="module")
 def zero3_run(real_base, tmp_path_factory) -> Path:
     """dpeft-launch: ZeRO-3 shards the 4-bit base (storage in the compute dtype) and the adapter over 2 processes; the
-    adapter is gathered before it is saved. The first test that asks for it is marked `processes` (it runs alone)."""
+    adapter is gathered before it is saved. Every test that asks for it is marked `processes`: whichever runs first
+    runs the 2-rank job alone (tests/conftest.py), and the in-process reload and merge then use both cores."""
     out = tmp_path_factory.mktemp("smollm2-zero3-qlora")
     cmd = [str(BIN / "dpeft-launch"), *RUN, f"output_dir={out}"]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
@@ -104,6 +105,7 @@ def test_qlora_under_zero3_on_two_processes_trains_the_real_base_and_saves_a_com
     assert recorded["name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the original, never a cache path
 
 
+@pytest.mark.processes
 def test_plain_peft_reloads_the_adapter_and_the_merged_model_computes_the_same(real_base, zero3_run, tmp_path):
     """What a user without distributed-peft does: the converted base 4-bit as in training, PeftModel on top; then
     dpeft-merge's output loaded as a plain transformers model."""

@@ -28,6 +28,11 @@ RUN_FILES = [
 ]
 
 
+# generation's path runs in training and in dpeft-eval (which chooses its own evaluation settings); its scores are not
+# what these tests read
+FEW_GENERATIONS = "evaluation.max_generate_examples=16"
+
+
 def train_overrides(task: str, model: str, out, *extra: str) -> list[str]:
     return [
         f"task={task}",
@@ -37,7 +42,7 @@ def train_overrides(task: str, model: str, out, *extra: str) -> list[str]:
         "training.max_steps=40",
         "training.eval_steps=20",
         "training.max_eval_examples=64",
-        "evaluation.max_generate_examples=16",  # generation's path runs; its scores are not what these tests read
+        FEW_GENERATIONS,
         f"output_dir={out}",
         *extra,
     ]
@@ -82,8 +87,7 @@ def test_qlora_adapter_beats_base_saves_complete_and_reloads(task, model, tmp_pa
     assert card["base"]["fingerprint"] == fingerprint
     assert fingerprint in (tmp_path / "README.md").read_text()
 
-    reevaluated = f"output_dir={tmp_path / 'reevaluated'}"
-    again = [f"adapter={tmp_path / 'adapter'}", reevaluated, "evaluation.max_generate_examples=16"]
+    again = [f"adapter={tmp_path / 'adapter'}", f"output_dir={tmp_path / 'reevaluated'}", FEW_GENERATIONS]
     reloaded = run_evaluation(compose_config(again), again)
     assert reloaded["adapter"]["loss"] == pytest.approx(results["adapter"]["loss"], abs=1e-4)
     assert reloaded["base"]["loss"] == pytest.approx(results["base"]["loss"], abs=1e-4)
