@@ -13,6 +13,7 @@ from distributed_peft.data.prompts import completion_ids, format_completion, for
 from distributed_peft.data.task_data import (
     IGNORE_INDEX,
     collate_padded,
+    learned_record,
     prepare_task_data,
     split_records,
     tokenize_example,
@@ -150,6 +151,38 @@ def test_real_paradetox_tsv_loads_with_a_column_map(tokenizers):
     data = prepare_task_data(cfg, tokenizers["tiny-llama"])
     assert data.stats.loaded == 10427
     assert data.stats.train + data.stats.eval + data.stats.empty_completion + data.stats.dropped_too_long == 10427
+
+
+def test_closest_to_input_trains_on_the_most_conservative_accepted_rewrite(tokenizers):
+    tokenizer = tokenizers["tiny-llama"]
+    overrides = ["task=detox", "task.data.max_examples=400", "task.data.extra_references=[neutral2,neutral3]"]
+    plain = prepare_task_data(compose_config(overrides), tokenizer, keep_train_text=True)
+    chosen = prepare_task_data(
+        compose_config([*overrides, "task.data.train_target=closest_to_input"]), tokenizer, keep_train_text=True
+    )
+    assert [e["id"] for e in plain.train] == [e["id"] for e in chosen.train], "the same records, split alike"
+    cfg = compose_config([*overrides, "task.data.train_target=closest_to_input"])
+    changed = 0
+    for before, after in zip(plain.train, chosen.train, strict=True):
+        record = after["record"]
+        target = learned_record(record, cfg.task)["neutral"]
+        assert target in after["references"], "one of this record's own human rewrites"
+        prompt = prompt_ids(cfg.task, record, tokenizer)
+        labelled = [t for t in after["labels"] if t != IGNORE_INDEX]
+        learned = completion_ids(cfg.task, {**record, "neutral": target}, tokenizer, prompt)
+        assert labelled == [*learned, tokenizer.eos_token_id]
+        if after["input_ids"] != before["input_ids"]:
+            changed += 1
+            assert target != record["neutral"]
+    assert 50 <= changed <= 200, f"about a quarter of the records have a rewrite closer than the first: {changed}"
+    assert plain.eval[0]["references"] == chosen.eval[0]["references"], "every rewrite still scores generations"
+
+    record = {"toxic": "you are a fucking idiot lol", "neutral": "You are wrong.", "reference_1": "you are a lol"}
+    record.update(reference_2="", example_id=0)
+    assert learned_record(record, cfg.task)["neutral"] == "you are a lol"
+    tie = {**record, "reference_1": "You are wrong."}
+    assert learned_record(tie, cfg.task) == tie, "a tie keeps the completion column's own rewrite"
+    assert learned_record(record, compose_config(overrides).task) is record, "the default learns the completion"
 
 
 def test_collate_pads_right_with_the_tokenizers_pad_id_and_no_loss_on_padding(tokenizers):

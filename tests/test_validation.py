@@ -356,3 +356,19 @@ def test_every_choice_is_refused_in_one_line_naming_the_enum_values(tmp_path):
     assert Dtype.values() == ["auto", "float32", "bfloat16", "float16"]
     assert "zero3" in DistributedStrategy.values() and "padding_free" in PackingMode.values()
     assert MixedPrecision("bf16") is MixedPrecision.BF16 and TaskMetric.CHRF == "chrf"
+
+
+def test_a_train_target_with_nothing_to_choose_from_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as error:
+        compose_config(["task=detox", "task.data.train_target=closest"])
+    assert error.value.problems == [
+        "task.data.train_target='closest' is not allowed; allowed: completion, closest_to_input"
+    ]
+    with pytest.raises(ConfigError) as error:
+        compose_config(["task=detox", "task.data.train_target=closest_to_input"])
+    assert error.value.problems == [
+        "task.data.train_target=closest_to_input needs other rewrites to choose from (task.data.extra_references=[]) "
+        "and a completion template that is one field (task.completion_template='{neutral}'); allowed: completion, "
+        "or extra_references and a '{field}' template"
+    ]
+    compose_config(["task=detox", "task.data.train_target=closest_to_input", "task.data.extra_references=[neutral2]"])

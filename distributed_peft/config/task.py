@@ -28,6 +28,15 @@ class DataFormat(Choice):
     PARQUET = "parquet"
 
 
+class TrainTarget(Choice):
+    """Which accepted completion a training example learns when a record has several (data.task_data)."""
+
+    COMPLETION = "completion"  # the completion template's own column
+    # of the completion and the extra_references, the one nearest the prompt's fields by chrF: the most conservative
+    # human rewrite (ParaDetox's annotators mostly delete words; their first rewrite often also rephrases)
+    CLOSEST_TO_INPUT = "closest_to_input"
+
+
 class PromptSpace(Choice):
     """Where a prompt's trailing spaces are tokenized (data/prompts.prompt_ids)."""
 
@@ -58,6 +67,7 @@ class DataConfig:
     format: Optional[str] = None  # inferred from the path's suffix when null
     columns: dict[str, str] = field(default_factory=dict)  # template field -> column in the data
     extra_references: list[str] = field(default_factory=list)  # columns with more accepted completions (metrics)
+    train_target: str = "completion"  # completion | closest_to_input (among the completion and extra_references)
     fraction: float = 1.0  # share of the examples to keep (after shuffling with the seed)
     max_examples: Optional[int] = None
 
@@ -77,6 +87,14 @@ class TaskConfig:
 def template_fields(template: str) -> list[str]:
     """Names of the `{field}` placeholders of a prompt template."""
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _is_one_field(template: str) -> bool:
+    try:
+        fields = template_fields(template)
+    except ValueError:  # reported by check_task_data
+        return False
+    return len(fields) == 1 and template == "{" + fields[0] + "}"
 
 
 def resolve_data_source(data: DataConfig | DictConfig) -> str:
@@ -141,6 +159,15 @@ def check_task_data(cfg: DictConfig, problems: list[str]) -> None:
     check_choice(problems, "task.data.source", data.source, DataSource)
     check_choice(problems, "task.prompt_space", task.prompt_space, PromptSpace)
     check(problems, 0 < data.fraction <= 1, "task.data.fraction", data.fraction, "in (0, 1]")
+    check_choice(problems, "task.data.train_target", data.train_target, TrainTarget)
+    if data.train_target == TrainTarget.CLOSEST_TO_INPUT and not (
+        data.extra_references and _is_one_field(task.completion_template)
+    ):
+        problems.append(
+            f"task.data.train_target=closest_to_input needs other rewrites to choose from (task.data.extra_references="
+            f"{list(data.extra_references)!r}) and a completion template that is one field (task.completion_template="
+            f"{task.completion_template!r}); allowed: completion, or extra_references and a '{{field}}' template"
+        )
     if data.max_examples is not None:
         check(problems, data.max_examples > 0, "task.data.max_examples", data.max_examples, "> 0 or null")
     fields: set[str] = set()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from distributed_peft.config import resolve_data_format, resolve_data_source
+from distributed_peft.config import TrainTarget, resolve_data_format, resolve_data_source, template_fields
 from distributed_peft.constants import SAMPLE_DATA_DIR
 from distributed_peft.data.files import read_text_columns
 from distributed_peft.data.prompts import completion_ids, format_completion, optional_fields, prompt_ids
@@ -86,6 +86,23 @@ def references(record: dict[str, Any], task: DictConfig) -> list[str]:
     return [format_completion(task, record), *extra]
 
 
+def learned_record(record: dict[str, Any], task: DictConfig) -> dict[str, Any]:
+    """The record as training learns it: under task.data.train_target=closest_to_input its completion field holds
+    whichever accepted completion (its own or an extra reference) is nearest its prompt fields by chrF, the first
+    on a tie; otherwise the record itself."""
+    if task.data.train_target != TrainTarget.CLOSEST_TO_INPUT:
+        return record
+    from sacrebleu.metrics import CHRF
+
+    chrf = CHRF()
+    (target_field,) = template_fields(task.completion_template)  # one field, as check_task_data requires
+    prompt_fields = template_fields(task.prompt_template)
+    source = " ".join(str(record.get(name) or "") for name in prompt_fields).strip()
+    candidates = references(record, task)
+    best = max(candidates, key=lambda text: chrf.sentence_score(text, [source]).score)
+    return {**record, target_field: best}
+
+
 def tokenize_example(task: DictConfig, record: dict[str, Any], tokenizer, max_seq_len: int) -> dict[str, Any]:
     """Token ids and labels of a record: its prompt's ids (as generation gets them) labelled IGNORE_INDEX, then its
     completion's tokens and EOS labelled.
@@ -136,7 +153,7 @@ def tokenize_records(records, task, tokenizer, training, stats: DataStats, keep_
     """Tokenized examples of records (prompt masked), counting truncated and too-long ones in `stats`."""
     examples = []
     for record in records:
-        example = tokenize_example(task, record, tokenizer, training.max_seq_len)
+        example = tokenize_example(task, learned_record(record, task), tokenizer, training.max_seq_len)
         if example["truncated"]:
             if training.truncation == "drop":
                 stats.dropped_too_long += 1
