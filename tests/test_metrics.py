@@ -26,6 +26,15 @@ def test_sql_normalisation_ignores_case_spacing_and_semicolon():
     assert normalize_sql("SELECT name FROM employees") != normalize_sql("SELECT id FROM employees")
 
 
+def test_an_unparsable_generation_is_scored_as_text_without_a_warning_line(caplog):
+    """A base model's output that writes a CREATE TABLE and goes on: sqlglot falls back to a 'Command' and used to
+    log a warning per row into the user's terminal (dpeft-eval, dpeft-reproduce)."""
+    rambling = "CREATE TABLE orders (id INTEGER, status TEXT)\n<"
+    with caplog.at_level("WARNING"):
+        assert normalize_sql(rambling).startswith("CREATE TABLE orders")
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("sqlglot")]
+
+
 def test_execution_accuracy_compares_result_rows_not_text():
     gold = "SELECT COUNT(*) FROM employees WHERE salary > 0"
     assert execution_match("SELECT count(id) FROM employees WHERE salary > 0", gold, SCHEMA)

@@ -5,6 +5,7 @@ is better) except `toxic_share` and `repeat_share` (lower is better)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import sqlite3
 import sys
@@ -21,6 +22,9 @@ def normalize_sql(query: str) -> str:
     import sqlglot
     from sqlglot.errors import SqlglotError
 
+    # a generation that is not one statement is scored as its text: no "Falling back to parsing as a 'Command'" line
+    # per row in the user's terminal
+    logging.getLogger("sqlglot").setLevel(logging.ERROR)
     try:
         statements = sqlglot.transpile(query, read="sqlite", write="sqlite", normalize=True)
         return statements[0] if len(statements) == 1 else " ".join(query.lower().split())
