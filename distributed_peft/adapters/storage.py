@@ -61,9 +61,10 @@ def _adapter_state_dict(accelerator, model, adapter_name: str) -> dict[str, Any]
     adapter's parameters are gathered (a few MB): accelerate's `get_state_dict` would gather the whole model onto
     rank 0 first (about 14 GB in 16 bits for a 7B base, to save an adapter of some 20 MB). Elsewhere accelerate's
     state dict (unwrapped; FSDP gathers there)."""
+    from distributed_peft.config import DistributedStrategy
     from distributed_peft.runtime.distributed import launched_strategy
 
-    if launched_strategy(accelerator) not in ("zero3", "zero3_offload"):
+    if launched_strategy(accelerator) not in (DistributedStrategy.ZERO3, DistributedStrategy.ZERO3_OFFLOAD):
         return accelerator.get_state_dict(model)
     import deepspeed
 
