@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +87,20 @@ def references(record: dict[str, Any], task: DictConfig) -> list[str]:
     return [format_completion(task, record), *extra]
 
 
+@cache
+def _sentence_chrf():
+    from sacrebleu.metrics import CHRF
+
+    return CHRF()
+
+
 def learned_record(record: dict[str, Any], task: DictConfig) -> dict[str, Any]:
     """The record as training learns it: under task.data.train_target=closest_to_input its completion field holds
     whichever accepted completion (its own or an extra reference) is nearest its prompt fields by chrF, the first
     on a tie; otherwise the record itself."""
     if task.data.train_target != TrainTarget.CLOSEST_TO_INPUT:
         return record
-    from sacrebleu.metrics import CHRF
-
-    chrf = CHRF()
+    chrf = _sentence_chrf()
     (target_field,) = template_fields(task.completion_template)  # one field, as check_task_data requires
     prompt_fields = template_fields(task.prompt_template)
     source = " ".join(str(record.get(name) or "") for name in prompt_fields).strip()
